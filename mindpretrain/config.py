@@ -1,0 +1,178 @@
+"""YAML run configuration as MindFormers users write it: `base_config` inheritance and `--key.sub=value` overrides.
+
+A run's YAML may name one or more parent files in `base_config` (a path or a list, relative to the
+file that names them). Parents are resolved depth-first, merged in the order listed, and the file
+itself is merged last, so the most specific setting wins. Dicts merge key by key; any other value
+(lists included) is replaced whole.
+
+Overrides from the command line (`--model.model_config.num_layers=4`) are applied after loading.
+They must name a key that exists, so a typo fails loudly instead of training the wrong model;
+`--+key.sub=value` adds a key on purpose. Values are parsed as YAML scalars (`4`, `1.e-4`, `True`,
+`[1, 2]`, `null`).
+
+Every problem is a `ConfigError` naming the key, the value and the rule.
+"""
+import copy
+import difflib
+import os
+
+import yaml
+
+BASE_CONFIG_KEY = "base_config"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the key, the value and the rule broken."""
+
+
+class Config(dict):
+    """A dict with attribute access (`config.model.model_config.num_layers`), as MindFormers' config is."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __deepcopy__(self, memo):
+        return Config({key: copy.deepcopy(value, memo) for key, value in self.items()})
+
+    def to_dict(self):
+        return _plain(self)
+
+    def get_path(self, dotted, default=None):
+        node = self
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+
+def _wrap(value):
+    if isinstance(value, dict):
+        return Config({key: _wrap(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return [_wrap(item) for item in value]
+    return value
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def merge(base, override):
+    """Deep-merge `override` into a copy of `base` (dicts recursively, everything else replaced)."""
+    result = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _load_tree(path, chain):
+    path = os.path.realpath(path)
+    if path in chain:
+        cycle = " -> ".join(chain[chain.index(path):] + [path])
+        raise ConfigError(f"base_config forms a cycle: {cycle}")
+    data = _read_yaml(path)
+    bases = data.pop(BASE_CONFIG_KEY, None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(item, str) for item in bases):
+        raise ConfigError(f"base_config ({bases!r}) in {path} must be a path or a list of paths")
+    merged = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        merged = merge(merged, _load_tree(base_path, chain + [path]))
+    return merge(merged, data)
+
+
+def load_config(path, overrides=()):
+    """Load `path` with its `base_config` parents and apply `--key.sub=value` overrides."""
+    config = _load_tree(path, [])
+    for override in overrides:
+        apply_override(config, override)
+    return _wrap(config)
+
+
+def parse_override_args(args):
+    """Split `["--a.b=1", "--c", "2", "--+d.e=x"]` into override strings `["a.b=1", "c=2", "+d.e=x"]`."""
+    overrides, index = [], 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key.sub=value")
+        body = arg[2:]
+        if "=" not in body:
+            if index + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value (use --key.sub=value)")
+            body = f"{body}={args[index + 1]}"
+            index += 1
+        overrides.append(body)
+        index += 1
+    return overrides
+
+
+def apply_override(config, override):
+    """Apply one `key.sub=value` (or `+key.sub=value` to add a new key) to a plain dict in place."""
+    dotted, _, raw = override.partition("=")
+    add = dotted.startswith("+")
+    dotted = dotted.lstrip("+")
+    if not dotted or not _:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = dotted.split(".")
+    node = config
+    for depth, part in enumerate(parts[:-1]):
+        if part not in node:
+            if not add:
+                raise ConfigError(_unknown_key(dotted, ".".join(parts[:depth + 1]), node))
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:depth + 1])} is a value "
+                              f"({node!r}), not a section")
+    if parts[-1] not in node and not add:
+        raise ConfigError(_unknown_key(dotted, dotted, node))
+    node[parts[-1]] = value
+
+
+def _unknown_key(dotted, missing, node):
+    close = difflib.get_close_matches(missing.split(".")[-1], list(node), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return (f"override {dotted}: key {missing} does not exist in the config{hint}; "
+            f"write --+{dotted}=... to add a new key")
+
+
+def require(condition, key, value, rule):
+    """Raise `ConfigError("key (value) rule")` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{key} ({value!r}) {rule}")

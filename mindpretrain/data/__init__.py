@@ -1,0 +1,1 @@
+"""Megatron-compatible pretraining data: indexed BIN files, GPT/blended datasets, preprocessing."""

