@@ -1,0 +1,1 @@
+"""Checkpoint files: safetensors I/O, fp8 blocks, HF <-> native conversion."""

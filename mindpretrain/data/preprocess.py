@@ -1,0 +1,286 @@
+"""Tokenize a stream of documents in worker processes into Megatron BIN datasets.
+
+Both preprocessing tools (WikiText articles, jsonl records) feed this engine an iterator of
+`(texts, nbytes)`: one text per output dataset (a jsonl record has one per `--json-keys` entry)
+and the size of the raw input it came from, for the MB/s figures. Corpora are far larger than
+memory, so documents are read, tokenized and written as a stream:
+
+* The main process reads documents into batches of about `batch_bytes` and keeps at most
+  `4 * workers` batches in flight (`apply_async`, collected oldest first). `Pool.imap` would give
+  the same order but has no back-pressure: its feeder thread runs ahead of the writer and its
+  results queue up without bound when writing is slow. The window also keeps input errors (a bad
+  jsonl line) in the main thread, where they are raised with their own traceback.
+* Each worker loads the tokenizer itself from `(kind, path)` in the pool initializer; nothing but
+  texts and token arrays crosses the pipes. The initializer and task function live at module
+  level, so the `spawn` start method (macOS, Windows) works as well as `fork`.
+* With one worker everything runs in-process; the files are byte-identical either way.
+
+A document whose text has no tokens is skipped (and counted), without an EOD of its own: a lone
+EOD is not a document. Outputs appear all together or not at all: an error, Ctrl-C, or an
+output that would hold no documents leaves no `.bin`/`.idx` (and no temporary file) behind.
+"""
+import contextlib
+import gzip
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+from mindpretrain.data.indexed_dataset import (IndexedDatasetBuilder, IndexedDatasetError, check_vocab_fits_dtype,
+                                               data_file_path, index_file_path, token_dtype_for_vocab)
+from mindpretrain.data.tokenizer import TokenizerError, load_tokenizer
+from mindpretrain.data.wikitext import WikiTextError
+
+
+class PreprocessError(ValueError):
+    """Preprocessing cannot go on; the message names the file and the problem."""
+
+
+# What the command-line tools report as one "error:" line instead of a traceback.
+USER_ERRORS = (PreprocessError, TokenizerError, WikiTextError, IndexedDatasetError, OSError)
+
+BATCH_BYTES = 1 << 16
+_BATCHES_IN_FLIGHT_PER_WORKER = 4
+_MB = 1e6
+
+
+class _Encoder:
+    """Texts to token arrays: no special tokens from the tokenizer, EOD appended to non-empty texts."""
+
+    def __init__(self, tokenizer, eod_id):
+        self.tokenizer = tokenizer
+        self.eod_id = eod_id
+
+    def __call__(self, batch):
+        return [tuple(self._encode(text) for text in texts) for texts in batch]
+
+    def _encode(self, text):
+        ids = self.tokenizer.encode(text)
+        if ids and self.eod_id is not None:
+            ids.append(self.eod_id)
+        return np.array(ids, dtype=np.int32)  # every vocabulary fits; half the pickled size of int64
+
+
+_worker_encoder = None
+_worker_error = None
+
+
+def _init_worker(kind, path, eod_id):
+    """Pool initializer: load this worker's own tokenizer; the parent alone handles Ctrl-C."""
+    global _worker_encoder, _worker_error
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _worker_encoder = _Encoder(load_tokenizer(kind, path), eod_id)
+    except Exception as error:  # raised from the first task: a failing initializer makes Pool respawn forever
+        _worker_error = error
+
+
+def _encode_in_worker(batch):
+    if _worker_error is not None:
+        raise _worker_error
+    return _worker_encoder(batch)
+
+
+def _batches(documents, batch_bytes):
+    """Group `(texts, nbytes)` documents into `(texts_list, nbytes_total)` of about `batch_bytes`."""
+    texts_list, total = [], 0
+    for texts, nbytes in documents:
+        texts_list.append(tuple(texts))
+        total += nbytes
+        if total >= batch_bytes:
+            yield texts_list, total
+            texts_list, total = [], 0
+    if texts_list:
+        yield texts_list, total
+
+
+def _encoded_batches(batches, tokenizer, eod_id, workers):
+    """Yield `(encoded_batch, nbytes)` in input order, tokenizing in `workers` processes."""
+    if workers == 1:
+        encoder = _Encoder(tokenizer, eod_id)
+        for batch, nbytes in batches:
+            yield encoder(batch), nbytes
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker,
+                              initargs=(tokenizer.kind, tokenizer.path, eod_id)) as pool:
+        in_flight = deque()
+        for batch, nbytes in batches:
+            in_flight.append((pool.apply_async(_encode_in_worker, (batch,)), nbytes))
+            if len(in_flight) >= _BATCHES_IN_FLIGHT_PER_WORKER * workers:
+                result, size = in_flight.popleft()
+                yield result.get(), size
+        while in_flight:
+            result, size = in_flight.popleft()
+            yield result.get(), size
+
+
+def resolve_dtype(dtype, tokenizer):
+    """`None`/"auto": Megatron's choice for the vocabulary size; an explicit dtype must hold every id."""
+    if dtype is None or dtype == "auto":
+        return token_dtype_for_vocab(tokenizer.vocab_size)
+    try:
+        dtype = np.dtype(dtype)
+        check_vocab_fits_dtype(tokenizer.vocab_size, dtype)
+    except (TypeError, ValueError) as error:
+        raise PreprocessError(f"{tokenizer.path}: cannot store its tokens as {dtype}: {error}") from None
+    return dtype
+
+
+def preprocess(documents, tokenizer_kind, tokenizer_path, output_prefixes, *, source, workers=1,
+               append_eod=True, dtype=None, log_interval=1000, batch_bytes=BATCH_BYTES):
+    """Tokenize `(texts, nbytes)` documents into one BIN dataset per output prefix.
+
+    `texts[i]` of every document goes to `output_prefixes[i]`; `source` names the input in
+    messages. Prints progress every `log_interval` documents and a summary to stderr, and returns
+    the summary as a dict.
+    """
+    output_prefixes = [str(prefix) for prefix in output_prefixes]
+    if len(set(output_prefixes)) != len(output_prefixes):
+        raise PreprocessError(f"output prefixes {output_prefixes} are not distinct")
+    if workers < 1:
+        raise PreprocessError(f"workers must be at least 1, got {workers}")
+    if log_interval < 1:
+        raise PreprocessError(f"log interval must be at least 1 document, got {log_interval}")
+    tokenizer = load_tokenizer(tokenizer_kind, tokenizer_path)
+    if append_eod and tokenizer.eod_id is None:
+        raise PreprocessError(f"{tokenizer.path}: the tokenizer has no end-of-document token to append "
+                              "(give it a tokenizer_config.json with eos_token, or do not append EOD)")
+    dtype = resolve_dtype(dtype, tokenizer)
+    eod_id = tokenizer.eod_id if append_eod else None
+
+    progress = _Progress(log_interval)
+    outputs = [{"prefix": prefix, "documents": 0, "empty_documents": 0, "tokens": 0} for prefix in output_prefixes]
+    builders = []
+    try:
+        for prefix in output_prefixes:  # appended one by one, so a failing one still discards the others
+            builders.append(IndexedDatasetBuilder(prefix, dtype))
+        encoded = _encoded_batches(_batches(documents, batch_bytes), tokenizer, eod_id, workers)
+        with contextlib.closing(encoded):
+            for batch, nbytes in encoded:
+                for arrays in batch:
+                    if len(arrays) != len(builders):
+                        raise PreprocessError(f"{source}: a document has {len(arrays)} texts for "
+                                              f"{len(builders)} outputs")
+                    for builder, output, array in zip(builders, outputs, arrays):
+                        if array.size:
+                            builder.add_document(array)
+                            output["documents"] += 1
+                            output["tokens"] += array.size
+                        else:
+                            output["empty_documents"] += 1
+                progress.update(len(batch), sum(sum(a.size for a in arrays) for arrays in batch), nbytes)
+        empty = [output for output in outputs if not output["documents"]]
+        if empty:
+            raise PreprocessError(
+                f"{source}: no tokens for {', '.join(output['prefix'] for output in empty)} "
+                f"({progress.documents} documents read, all empty); nothing was written")
+        _finalize_all(builders)
+    except BaseException:
+        for builder in builders:
+            builder.discard()
+        raise
+    for output in outputs:
+        output["files"] = {path: os.path.getsize(path)
+                           for path in (data_file_path(output["prefix"]), index_file_path(output["prefix"]))}
+    summary = progress.summary(source=source, tokenizer=tokenizer.path, vocab_size=tokenizer.vocab_size,
+                               eod_id=eod_id, dtype=dtype.name, workers=workers, outputs=outputs)
+    print(format_summary(summary), file=sys.stderr, flush=True)
+    return summary
+
+
+def _finalize_all(builders):
+    """Publish every output, or none: undo the ones already published if a later one fails."""
+    published = []
+    try:
+        for builder in builders:
+            builder.finalize()
+            published.append(builder.path_prefix)
+    except BaseException:
+        for prefix in published:
+            for path in (data_file_path(prefix), index_file_path(prefix)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        raise
+
+
+class _Progress:
+    """Counts and rates since the start; prints a line every `log_interval` documents."""
+
+    def __init__(self, log_interval):
+        self.log_interval = log_interval
+        self.start = time.perf_counter()
+        self.documents = self.tokens = self.nbytes = 0
+
+    def update(self, documents, tokens, nbytes):
+        before = self.documents // self.log_interval
+        self.documents += documents
+        self.tokens += tokens
+        self.nbytes += nbytes
+        if self.documents // self.log_interval > before:
+            elapsed, (docs_rate, tokens_rate, mb_rate) = self._rates()
+            print(f"processed {self.documents} documents ({docs_rate:.1f} docs/s, {tokens_rate:,.0f} tokens/s, "
+                  f"{mb_rate:.2f} MB/s), {elapsed:.1f} s elapsed", file=sys.stderr, flush=True)
+
+    def _rates(self):
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return elapsed, (self.documents / elapsed, self.tokens / elapsed, self.nbytes / _MB / elapsed)
+
+    def summary(self, **fields):
+        elapsed, (docs_rate, tokens_rate, mb_rate) = self._rates()
+        return dict(fields, documents=self.documents, tokens=self.tokens, bytes=self.nbytes, seconds=elapsed,
+                    docs_per_s=docs_rate, tokens_per_s=tokens_rate, mb_per_s=mb_rate)
+
+
+def format_summary(summary):
+    lines = [
+        f"preprocessed {summary['source']}: {summary['documents']} documents, {summary['tokens']:,} tokens, "
+        f"{summary['bytes'] / _MB:.2f} MB in {summary['seconds']:.2f} s with {summary['workers']} worker(s)",
+        f"  {summary['docs_per_s']:.1f} docs/s, {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"{summary['mb_per_s']:.2f} MB/s; tokenizer {summary['tokenizer']} (vocab {summary['vocab_size']}, "
+        f"EOD {summary['eod_id'] if summary['eod_id'] is not None else 'not appended'}), dtype {summary['dtype']}",
+    ]
+    for output in summary["outputs"]:
+        skipped = f", {output['empty_documents']} empty skipped" if output["empty_documents"] else ""
+        lines.append(f"  {output['prefix']}: {output['documents']} documents{skipped}, {output['tokens']:,} tokens")
+        lines.extend(f"    {path}  {size:,} bytes" for path, size in output["files"].items())
+    return "\n".join(lines)
+
+
+def read_jsonl_documents(path, keys):
+    """Yield `(texts, nbytes)` from a jsonl file (optionally .gz), one text per key, in key order.
+
+    Blank lines are skipped; any other line must be a JSON object with a string for every key.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    line_number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if line.strip():
+                    yield _record_texts(path, line_number, line, keys), len(line)
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        where = f" at line {line_number + 1}" if line_number else ""
+        raise PreprocessError(f"{path}: cannot read{where} ({getattr(error, 'strerror', None) or error})") from None
+
+
+def _record_texts(path, line_number, line, keys):
+    try:
+        record = json.loads(line)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise PreprocessError(f"{path}:{line_number}: not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise PreprocessError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+    texts = []
+    for key in keys:
+        if key not in record:
+            raise PreprocessError(f"{path}:{line_number}: no key {key!r} (keys: {', '.join(map(repr, record))})")
+        if not isinstance(record[key], str):
+            raise PreprocessError(f"{path}:{line_number}: {key!r} is not a string "
+                                  f"(got {type(record[key]).__name__})")
+        texts.append(record[key])
+    return texts

