@@ -11,6 +11,18 @@ SHARED = PROJECT_ROOT.parent / "shared"
 STRICT = os.environ.get("MINDPRETRAIN_STRICT_TESTS") == "1"
 
 
+def pytest_configure(config):
+    """Pick MindSpore's device once, before any test runs a kernel.
+
+    `mindspore.set_device` refuses to run after the runtime has started, but accepts a repeat of
+    the same choice; choosing CPU here lets every test (and the trainer's own context set-up, run
+    in-process) call it again without depending on which test happened to run first.
+    """
+    import mindspore
+
+    mindspore.set_device("CPU")
+
+
 def shared_path(*parts):
     """A file under ../shared, or a skip saying what is missing."""
     path = SHARED.joinpath(*parts)

@@ -1,0 +1,330 @@
+"""HuggingFace DeepSeek-V3 checkpoints in and out, in bounded memory, all or nothing.
+
+`convert_hf_to_native(hf_dir, output_dir)` turns a HuggingFace directory (the official fp8 release with 128x128
+`weight_scale_inv` blocks, or bf16/fp32) into our native weights; `convert_native_to_hf(checkpoint, output_dir)`
+writes an HF directory that transformers and vLLM/SGLang load, optionally re-quantised to fp8 blocks.
+
+Native weights directory (what `run_mindformer.py --load_checkpoint` is given):
+    model-0000i-of-0000n.safetensors   tensors by their HF names (`research/deepseek3/weight_mapping.py`),
+                                       bf16 or fp32, the expert-score bias always fp32; MTP layers kept
+    model.safetensors.index.json       name -> shard
+    config.json                        `DeepseekV3Config.to_hf_dict()`, so `DeepseekV3Config.from_hf` reads it
+    mindpretrain_checkpoint.json       marker: format, dtype, where it came from, duplicates dropped
+
+How memory stays bounded: the plan is made from headers only; shards are then written one at a time from
+memory-mapped sources in ~64 MB slabs (`conversion_io`), so peak memory is about one source shard of touched
+pages plus a slab per worker, whatever the model size. How failure stays invisible: everything is written into
+a sibling temporary directory that is renamed to `output_dir` only after every file was re-read and verified.
+"""
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+
+from mindpretrain.checkpoint import fp8
+from mindpretrain.checkpoint.conversion_io import (
+    _Readers, compare_tensors, verify_written, write_index, write_shard)
+from mindpretrain.checkpoint.conversion_plan import (
+    ConversionError, Problems, TensorJob, inventory, layout_shards, match_sources, parse_size)
+from mindpretrain.utils.logging import get_logger
+
+logger = get_logger("conversion")
+
+NATIVE_MARKER = "mindpretrain_checkpoint.json"
+NATIVE_FORMAT = "mindpretrain-native-weights"
+DEFAULT_MAX_SHARD = "5GB"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+ALWAYS_FP32_SUFFIXES = ("e_score_correction_bias",)   # updated by +-0.001 steps: bf16 would freeze it
+IGNORED_NATIVE_PREFIXES = ("optimizer.",)             # training-checkpoint optimizer state is not exported
+_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model description a conversion needs (DeepSeek-V3 from research/deepseek3)
+# ----------------------------------------------------------------------------------------------------------
+
+def deepseek_v3_spec():
+    """Functions describing DeepSeek-V3: imported here so the library core stays model-agnostic."""
+    from research.deepseek3 import weight_mapping
+    from research.deepseek3.deepseek3_config import DeepseekV3Config
+
+    return {
+        "config_from_hf": DeepseekV3Config.from_hf,
+        "config_from_model_config": lambda values: DeepseekV3Config(
+            **{k: v for k, v in values.items() if k != "type"}),
+        "expected_shapes": weight_mapping.hf_parameter_shapes,
+        "duplicates": weight_mapping.release_duplicates,
+        "hf_config_dict": lambda cfg, torch_dtype: cfg.to_hf_dict(torch_dtype=torch_dtype),
+        "describe": lambda cfg: ", ".join(f"{k}={getattr(cfg, k)}" for k in (
+            "hidden_size", "num_hidden_layers", "n_routed_experts", "vocab_size", "num_nextn_predict_layers")),
+    }
+
+
+def _out_dtype(dtype):
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConversionError(f"dtype ({dtype!r}) must be one of bf16, fp32") from None
+
+
+def _dtype_for(name, dtype):
+    return "F32" if name.endswith(ALWAYS_FP32_SUFFIXES) else dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Progress and the all-or-nothing output directory
+# ----------------------------------------------------------------------------------------------------------
+
+class Progress:
+    """Logs tensors done, GB written, throughput and ETA, at most every `interval` seconds."""
+
+    def __init__(self, label, total_tensors, total_bytes, interval=2.0):
+        self.label, self.total_tensors, self.total_bytes = label, total_tensors, total_bytes
+        self.tensors = self.bytes = 0
+        self.start = self._last = time.monotonic()
+        self.interval = interval
+
+    def advance(self, tensors, nbytes):
+        self.tensors += tensors
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self._last >= self.interval or self.tensors == self.total_tensors:
+            self._last = now
+            self.log()
+
+    def rate(self):
+        return self.bytes / max(time.monotonic() - self.start, 1e-9)
+
+    def log(self):
+        rate = self.rate()
+        eta = (self.total_bytes - self.bytes) / rate if rate > 0 else float("inf")
+        logger.info("%s: %d/%d tensors, %.2f/%.2f GB, %.1f MB/s, ETA %.0f s", self.label, self.tensors,
+                    self.total_tensors, self.bytes / 1e9, self.total_bytes / 1e9, rate / 1e6, eta)
+
+
+def check_output_free(output_dir):
+    """The absolute output path, or ConversionError if something is already there (nothing is overwritten)."""
+    path = os.path.abspath(str(output_dir))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ConversionError(f"output directory {path} already exists and is not empty; "
+                              "choose a new directory (nothing is overwritten)")
+    return path
+
+
+class _StagingDirectory:
+    """A temporary sibling of the output directory, renamed to it on success and deleted on any failure."""
+
+    def __init__(self, output_dir):
+        self.output_dir = check_output_free(output_dir)
+        parent = os.path.dirname(self.output_dir)
+        os.makedirs(parent, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=os.path.basename(self.output_dir) + ".partial-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)     # mkdtemp makes it private; the result is an ordinary directory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        if os.path.isdir(self.output_dir):
+            os.rmdir(self.output_dir)          # empty (checked above)
+        os.rename(self.path, self.output_dir)
+        return False
+
+
+def _write_json(path, data):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _check_workers(workers):
+    if not isinstance(workers, int) or workers < 1:
+        raise ConversionError(f"workers ({workers!r}) must be an integer of at least 1")
+
+
+def _execute(shards, directory, label, workers, metadata):
+    """Write all shards (in this process, or `workers` processes), logging progress."""
+    total_tensors = sum(len(shard.jobs) for shard in shards)
+    progress = Progress(label, total_tensors, sum(shard.nbytes() for shard in shards))
+    if workers <= 1 or len(shards) <= 1:
+        for shard in shards:
+            write_shard(shard, directory, metadata, on_tensor=lambda job: progress.advance(1, job.nbytes()))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+            futures = {pool.submit(write_shard, shard, directory, metadata): shard for shard in shards}
+            for future in as_completed(futures):
+                future.result()
+                shard = futures[future]
+                progress.advance(len(shard.jobs), shard.nbytes())
+    return progress
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF -> native
+# ----------------------------------------------------------------------------------------------------------
+
+def plan_hf_to_native(hf_dir, dtype="bf16", max_shard_size=DEFAULT_MAX_SHARD, spec=None):
+    """(cfg, shards, duplicate checks) for converting `hf_dir`; raises ConversionError listing every problem."""
+    spec = spec or deepseek_v3_spec()
+    out_dtype = _out_dtype(dtype)
+    cfg = spec["config_from_hf"](hf_dir)
+    expected = spec["expected_shapes"](cfg)
+    duplicates = spec["duplicates"](cfg)
+    problems = Problems()
+    found = inventory(hf_dir, problems)
+    sources, duplicate_sources = match_sources(found, expected, problems, duplicates)
+    problems.raise_if_any(f"HF checkpoint {hf_dir} does not fit its config.json ({spec['describe'](cfg)})")
+    jobs = [TensorJob(name, tensor, _dtype_for(name, out_dtype), scale=scale)
+            for name, (tensor, scale) in sources.items()]
+    found_order = {name: position for position, name in enumerate(found)}
+    jobs.sort(key=lambda job: (job.source.path, found_order[job.source.name]))
+    checks = [(copy, duplicate_sources[copy], sources[original][0], original)
+              for copy, original in duplicates.items() if copy in duplicate_sources]
+    return cfg, layout_shards(jobs, parse_size(max_shard_size)), checks
+
+
+def convert_hf_to_native(hf_dir, output_dir, dtype="bf16", workers=1, max_shard_size=DEFAULT_MAX_SHARD, spec=None):
+    """Convert an HF DeepSeek-V3 directory into native weights at `output_dir` (created; must not exist or be
+    empty). fp8 weights are dequantised with their block scales; MTP layers are kept; the release's MTP copies of
+    the embedding/head are checked against the originals and dropped. Returns a summary dict."""
+    _check_workers(workers)
+    check_output_free(output_dir)
+    spec = spec or deepseek_v3_spec()
+    started = time.monotonic()
+    cfg, shards, checks = plan_hf_to_native(hf_dir, dtype, max_shard_size, spec)
+    expected = spec["expected_shapes"](cfg)
+    dropped = _check_duplicates(checks)
+    fp8_count = sum(1 for shard in shards for job in shard.jobs if job.scale is not None)
+    with _StagingDirectory(output_dir) as staging:
+        progress = _execute(shards, staging.path, "hf->native", workers, {"format": "pt"})
+        write_index(staging.path, shards)
+        verified = verify_written(staging.path, shards, expected)
+        torch_dtype = "bfloat16" if _out_dtype(dtype) == "BF16" else "float32"
+        _write_json(os.path.join(staging.path, "config.json"), spec["hf_config_dict"](cfg, torch_dtype))
+        summary = {"format": NATIVE_FORMAT, "format_version": 1, "dtype": torch_dtype,
+                   "source": {"kind": "huggingface", "path": os.path.abspath(str(hf_dir)),
+                              "fp8_weights_dequantised": fp8_count, "duplicates_dropped": dropped},
+                   "num_tensors": verified, "num_shards": len(shards), "total_bytes": progress.bytes}
+        _write_json(os.path.join(staging.path, NATIVE_MARKER), summary)
+    summary["seconds"] = time.monotonic() - started
+    logger.info("wrote %s: %d tensors in %d shards, %.2f GB, %.1f s", output_dir, verified, len(shards),
+                progress.bytes / 1e9, summary["seconds"])
+    return summary
+
+
+def _check_duplicates(checks):
+    """The release's MTP copies of embedding/head: identical to the originals in the release; say so if not.
+    Each pair is compared slab by slab and unmapped before the next, so this holds at most two such tensors."""
+    dropped = {}
+    for copy, copy_tensor, original_tensor, original in checks:
+        readers = _Readers()
+        try:
+            identical, worst = compare_tensors(readers, copy_tensor, original_tensor)
+        finally:
+            readers.close()
+        if identical:
+            dropped[copy] = f"identical to {original}"
+        else:
+            dropped[copy] = f"differs from {original} (max |diff| {worst:.3g}); our model shares {original}"
+            logger.warning("%s differs from %s (max |diff| %.3g); the native model shares %s, so the copy is "
+                           "dropped", copy, original, worst, original)
+    return dropped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# native -> HF
+# ----------------------------------------------------------------------------------------------------------
+
+def load_native_config(checkpoint, spec):
+    """The model config of a native weights directory (config.json) or a training checkpoint (config.yaml)."""
+    if not os.path.isdir(checkpoint):
+        raise ConversionError(f"checkpoint directory {checkpoint} does not exist")
+    json_path = os.path.join(checkpoint, "config.json")
+    if os.path.isfile(json_path):
+        return spec["config_from_hf"](checkpoint)
+    yaml_path = os.path.join(checkpoint, "config.yaml")
+    if os.path.isfile(yaml_path):
+        import yaml
+
+        with open(yaml_path, "r", encoding="utf-8") as handle:
+            run = yaml.safe_load(handle) or {}
+        model_config = ((run.get("model") or {}).get("model_config")) or {}
+        if model_config:
+            return spec["config_from_model_config"](model_config)
+    raise ConversionError(f"{checkpoint} has neither config.json nor a config.yaml with model.model_config: "
+                          "cannot tell which model it holds")
+
+
+def plan_native_to_hf(checkpoint, dtype="bf16", quantise_fp8=False, max_shard_size=DEFAULT_MAX_SHARD, spec=None):
+    spec = spec or deepseek_v3_spec()
+    out_dtype = _out_dtype(dtype)
+    cfg = load_native_config(checkpoint, spec)
+    expected = spec["expected_shapes"](cfg)
+    problems = Problems()
+    found = inventory(checkpoint, problems)
+    sources, _ = match_sources(found, expected, problems, ignored_prefixes=IGNORED_NATIVE_PREFIXES)
+    problems.raise_if_any(f"checkpoint {checkpoint} does not fit its config ({spec['describe'](cfg)})")
+    jobs = []
+    for name, (tensor, scale) in sources.items():
+        quantise = quantise_fp8 and fp8.quantised_in_release(name, len(tensor.shape))
+        jobs.append(TensorJob(name, tensor, _dtype_for(name, out_dtype), scale=scale, quantise=quantise))
+    for copy, original in spec["duplicates"](cfg).items():    # the release layout stores these copies
+        tensor, scale = sources[original]
+        jobs.append(TensorJob(copy, tensor, out_dtype, scale=scale))
+    release_order = {name: i for i, name in enumerate(list(expected) + list(spec["duplicates"](cfg)))}
+    jobs.sort(key=lambda job: release_order[job.name])
+    return cfg, layout_shards(jobs, parse_size(max_shard_size))
+
+
+def convert_native_to_hf(checkpoint, output_dir, dtype="bf16", quantise_fp8=False, tokenizer_dir=None, workers=1,
+                         max_shard_size=DEFAULT_MAX_SHARD, spec=None):
+    """Write an HF directory (release names and shapes, MTP copies included) from native weights or a training
+    checkpoint; with `quantise_fp8`, the weights the release quantises become fp8 + float32 `weight_scale_inv`
+    (128x128 blocks) and config.json gets the release's `quantization_config`. Returns a summary dict."""
+    _check_workers(workers)
+    check_output_free(output_dir)
+    spec = spec or deepseek_v3_spec()
+    started = time.monotonic()
+    cfg, shards = plan_native_to_hf(checkpoint, dtype, quantise_fp8, max_shard_size, spec)
+    required = list(spec["expected_shapes"](cfg)) + list(spec["duplicates"](cfg))
+    tokenizer_files = _tokenizer_files(tokenizer_dir)
+    with _StagingDirectory(output_dir) as staging:
+        progress = _execute(shards, staging.path, "native->hf", workers, {"format": "pt"})
+        write_index(staging.path, shards)
+        verified = verify_written(staging.path, shards, required)
+        config = spec["hf_config_dict"](cfg, "bfloat16" if _out_dtype(dtype) == "BF16" else "float32")
+        if quantise_fp8:
+            config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                             "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
+        _write_json(os.path.join(staging.path, "config.json"), config)
+        for path in tokenizer_files:
+            shutil.copy2(path, os.path.join(staging.path, os.path.basename(path)))
+    summary = {"num_tensors": verified, "num_shards": len(shards), "total_bytes": progress.bytes,
+               "fp8_quantised": sum(1 for s in shards for job in s.jobs if job.quantise),
+               "tokenizer_files": [os.path.basename(p) for p in tokenizer_files],
+               "seconds": time.monotonic() - started}
+    logger.info("wrote %s: %d tensors in %d shards, %.2f GB, %.1f s", output_dir, verified, len(shards),
+                progress.bytes / 1e9, summary["seconds"])
+    return summary
+
+
+def _tokenizer_files(tokenizer_dir):
+    if tokenizer_dir is None:
+        return []
+    if not os.path.isdir(tokenizer_dir):
+        raise ConversionError(f"tokenizer directory {tokenizer_dir} does not exist")
+    files = [os.path.join(tokenizer_dir, name) for name in TOKENIZER_FILES
+             if os.path.isfile(os.path.join(tokenizer_dir, name))]
+    if not any(os.path.basename(path).startswith("tokenizer") for path in files):
+        raise ConversionError(f"tokenizer directory {tokenizer_dir} holds none of "
+                              f"{', '.join(n for n in TOKENIZER_FILES if n.startswith('tokenizer'))}")
+    return files

@@ -1,0 +1,39 @@
+"""One DeepSeek-V3 decoder block: pre-norm MLA attention, then a dense SwiGLU FFN or a DeepSeekMoE FFN.
+
+    h = x + self_attn(input_layernorm(x));  out = h + mlp(post_attention_layernorm(h))
+
+Layers below `first_k_dense_replace` use the dense FFN (`mlp.{gate,up,down}_proj`), the others the MoE block
+(`mlp.gate`, `mlp.experts.E`, `mlp.shared_experts`). `block()` returns the expert load and balance loss too,
+so the model can collect them per MoE layer (dense layers report none).
+"""
+from mindspore import nn
+
+from research.deepseek3.layers import RMSNorm
+from research.deepseek3.mla import MultiHeadLatentAttention
+from research.deepseek3.moe import DeepseekV3MoE, SwiGLUMLP
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg, layer_index):
+        super().__init__()
+        self.layer_index = layer_index
+        self.is_moe = cfg.is_moe_layer(layer_index)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        if self.is_moe:
+            self.mlp = DeepseekV3MoE(cfg)
+        else:
+            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg)
+
+    def block(self, x, cos, sin, mask):
+        """-> (hidden, expert load [E] or None, balance loss or None)."""
+        hidden = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        normed = self.post_attention_layernorm(hidden)
+        if self.is_moe:
+            out, load, balance = self.mlp(normed)
+            return hidden + out, load, balance
+        return hidden + self.mlp(normed), None, None
+
+    def construct(self, x, cos, sin, mask):
+        return self.block(x, cos, sin, mask)

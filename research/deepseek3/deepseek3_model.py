@@ -1,0 +1,204 @@
+"""DeepSeek-V3 for causal language modelling: `DeepseekV3Model` (embedding, decoder blocks, final norm) and
+`DeepseekV3ForCausalLM` (output head, LM loss, MTP losses, expert load, aux-loss-free bias update).
+
+Calls (the contract with the trainer):
+
+    loss, lm_loss, mtp_loss, balance_loss, expert_load = model(input_ids, labels, loss_mask)
+    logits = model(input_ids)                       # float32 [B, S, vocab], main head
+
+* inputs int32 [B, S]; labels are already shifted (labels[i] is the token after input_ids[i]); loss_mask
+  float32 [B, S] weights each position (0 = ignore). Negative labels are allowed at masked positions.
+* lm_loss: mean over loss_mask of the token cross-entropy (computed in float32).
+* mtp_loss: the mean over the D MTP modules of their masked cross-entropy (0 when D = 0).
+* loss = lm_loss + mtp_loss_factor * mtp_loss + balance_loss   (= lm + factor/D * sum_k L_k + balance)
+* balance_loss: sum over MoE blocks (main and MTP) of the sequence-wise balance loss (0 if alpha = 0).
+* expert_load: float32 [num_moe_layers, n_routed_experts], tokens routed to each expert by each MoE block, in
+  layer order (main MoE layers, then MTP blocks) — the order of `moe_layer_biases()`. No gradient.
+
+Parameter names equal the HF checkpoint names; the model checks itself against `weight_mapping` when built.
+"""
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from mindpretrain.registry import register
+from research.deepseek3.decoder import DecoderLayer
+from research.deepseek3.deepseek3_config import DeepseekV3Config
+from research.deepseek3.layers import Linear, RMSNorm, ms_dtype
+from research.deepseek3.mla import causal_mask
+from research.deepseek3.moe import expert_bias_update
+from research.deepseek3.mtp import MTPLayer, shift_left
+from research.deepseek3.rope import RotaryEmbedding
+from research.deepseek3.weight_mapping import hf_parameter_shapes
+
+
+def _as_config(config):
+    if isinstance(config, DeepseekV3Config) or type(config).__name__ == "DeepseekV3Config":
+        return config
+    if isinstance(config, dict):
+        values = {key: value for key, value in config.items() if key not in ("type", "auto_register")}
+        return DeepseekV3Config(**values)
+    raise TypeError(f"DeepSeek-V3 needs a DeepseekV3Config or a model_config mapping, got {type(config).__name__}")
+
+
+class Embedding(nn.Cell):
+    def __init__(self, cfg):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(sigma=cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
+                                            ms_dtype(cfg.param_init_type)), name="weight")
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+
+    def construct(self, ids):
+        return ops.cast(ops.gather(self.weight, ids, 0), self.compute_dtype)
+
+
+class DeepseekV3Model(nn.Cell):
+    """Embedding -> num_hidden_layers decoder blocks -> final RMSNorm. MTP modules live in `layers` after the
+    main blocks (their HF names are model.layers.{L+i}) but are run by DeepseekV3ForCausalLM."""
+
+    def __init__(self, config):
+        super().__init__()
+        cfg = _as_config(config)
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.embed_tokens = Embedding(cfg)
+        layers = [DecoderLayer(cfg, index) for index in range(cfg.num_hidden_layers)]
+        layers += [MTPLayer(cfg, cfg.num_hidden_layers + depth) for depth in range(cfg.num_nextn_predict_layers)]
+        self.layers = nn.CellList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
+        self.rotary = RotaryEmbedding(cfg, cfg.seq_length)
+
+    def positional(self, seq_length):
+        """(cos, sin, causal mask) shared by every block of one forward."""
+        cos, sin = self.rotary(seq_length)
+        return cos, sin, causal_mask(seq_length)
+
+    def construct(self, input_ids):
+        """-> (final normed hidden [B,S,H], expert loads tuple, balance loss sum)."""
+        cos, sin, mask = self.positional(input_ids.shape[1])
+        hidden = self.embed_tokens(input_ids)
+        loads = ()
+        balance = Tensor(0.0, ms.float32)
+        for index in range(self.num_layers):
+            hidden, load, layer_balance = self.layers[index](hidden, cos, sin, mask)
+            if load is not None:
+                loads = loads + (load,)
+                balance = balance + ops.cast(layer_balance, ms.float32)
+        return self.norm(hidden), loads, balance
+
+
+def masked_cross_entropy(logits, labels, weights):
+    """Sum(weights * CE) / Sum(weights) in float32; labels outside [0, vocab) must carry weight 0."""
+    if logits.dtype != ms.float32:
+        logits = ops.cast(logits, ms.float32)
+    vocab = logits.shape[-1]
+    safe = ops.clamp(labels, 0, vocab - 1)
+    log_probs = ops.log_softmax(logits, -1)         # one fused kernel: the fewest [B, S, vocab] temporaries
+    token_loss = -ops.gather_elements(log_probs, -1, ops.expand_dims(safe, -1)).squeeze(-1)
+    weights = ops.cast(weights, ms.float32)
+    total = weights.sum()
+    denominator = ops.select(total > 0, total, ops.ones_like(total))
+    return (token_loss * weights).sum() / denominator
+
+
+@register("model")
+class DeepseekV3ForCausalLM(nn.Cell):
+    def __init__(self, config=None, **kwargs):
+        super().__init__()
+        cfg = _as_config(config if config is not None else kwargs)
+        self.config = cfg
+        self.model = DeepseekV3Model(cfg)
+        self.tied = bool(cfg.tie_word_embeddings)
+        if not self.tied:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg)
+        self.num_layers = cfg.num_hidden_layers
+        self.mtp_depth = cfg.num_nextn_predict_layers
+        self.mtp_loss_factor = float(cfg.mtp_loss_factor)
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.vocab_size = cfg.vocab_size
+        self.head_matmul = ops.MatMul(transpose_b=True)
+        self._apply_recompute(cfg.recompute)
+        self._check_names_and_shapes()
+
+    # ----- construction helpers ---------------------------------------------------------------------------
+    def _apply_recompute(self, modes):
+        """'full': recompute the whole block in backward; 'selective': only the attention core (S x S part)."""
+        for index, mode in enumerate(modes):
+            layer = self.model.layers[index]
+            if mode == "full":
+                layer.recompute()
+            elif mode == "selective":
+                layer.self_attn.core.recompute()
+
+    def _check_names_and_shapes(self):
+        expected = hf_parameter_shapes(self.config)
+        actual = {name: tuple(param.shape) for name, param in self.parameters_and_names()}
+        if actual != dict(expected):
+            missing = sorted(set(expected) - set(actual))
+            extra = sorted(set(actual) - set(expected))
+            wrong = sorted(name for name in set(actual) & set(expected) if actual[name] != expected[name])
+            raise RuntimeError(f"model parameters disagree with weight_mapping: missing {missing[:10]}, "
+                               f"extra {extra[:10]}, misshaped {wrong[:10]}")
+
+    # ----- forward ----------------------------------------------------------------------------------------
+    def head(self, hidden):
+        """float32 logits of the (shared) output head."""
+        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+        if weight.dtype != self.compute_dtype:
+            weight = ops.cast(weight, self.compute_dtype)
+        batch, seq, hidden_size = hidden.shape
+        logits = self.head_matmul(hidden.reshape(batch * seq, hidden_size), weight)   # no transposed weight copy
+        if logits.dtype != ms.float32:
+            logits = ops.cast(logits, ms.float32)
+        return logits.reshape(batch, seq, -1)
+
+    def construct(self, input_ids, labels=None, loss_mask=None):
+        hidden, loads, balance = self.model(input_ids)
+        if labels is None:
+            return self.head(hidden)
+        if loss_mask is None:
+            loss_mask = ops.ones(labels.shape, ms.float32)
+        lm_loss = masked_cross_entropy(self.head(hidden), labels, loss_mask)
+
+        mtp_total = Tensor(0.0, ms.float32)
+        if self.mtp_depth > 0:
+            cos, sin, mask = self.model.positional(input_ids.shape[1])
+            previous = hidden
+            for depth in range(self.mtp_depth):
+                layer = self.model.layers[self.num_layers + depth]
+                # module depth+1 reads t_{i+depth+1} = input_ids[i+depth+1]; the zero-filled tail only feeds
+                # positions whose targets are masked, and causal attention keeps them from earlier positions
+                embedded = self.model.embed_tokens(shift_left(input_ids, depth + 1))
+                previous, normed, load, layer_balance = layer(embedded, previous, cos, sin, mask)
+                loads = loads + (load,)
+                balance = balance + ops.cast(layer_balance, ms.float32)
+                mtp_total = mtp_total + masked_cross_entropy(
+                    self.head(normed), shift_left(labels, depth + 1), shift_left(loss_mask, depth + 1))
+            mtp_loss = mtp_total / self.mtp_depth
+        else:
+            mtp_loss = mtp_total
+        loss = lm_loss + self.mtp_loss_factor * mtp_loss + balance
+        if loads:
+            expert_load = ops.stop_gradient(ops.stack(loads))
+        else:
+            expert_load = ops.zeros((0, self.config.n_routed_experts), ms.float32)
+        return loss, lm_loss, mtp_loss, balance, expert_load
+
+    # ----- aux-loss-free balancing ------------------------------------------------------------------------
+    def moe_layer_biases(self):
+        """The e_score_correction_bias Parameters of every MoE block, in layer order (main, then MTP)."""
+        return [self.model.layers[index].mlp.gate.e_score_correction_bias for index in self.config.moe_layer_indices]
+
+    def update_expert_bias(self, load_np):
+        """bias += rate * sign(mean(load) - load) per MoE block; `load_np` [num_moe_layers, E], summed over DP."""
+        biases = self.moe_layer_biases()
+        load = np.asarray(load_np, dtype=np.float32)
+        expected = (len(biases), self.config.n_routed_experts)
+        if load.shape != expected:
+            raise ValueError(f"expert load has shape {load.shape}, expected {expected} "
+                             "(num_moe_layers incl. MTP blocks, n_routed_experts)")
+        for bias, layer_load in zip(biases, load):
+            updated = expert_bias_update(bias.asnumpy(), layer_load, self.config.topk_bias_update_rate)
+            bias.set_data(Tensor(updated.astype(np.float32)))

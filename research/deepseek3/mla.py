@@ -1,0 +1,99 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3) with decoupled RoPE and a causal mask.
+
+Per token x [H]:
+  q      = q_b_proj(RMSNorm(q_a_proj(x)))        (or q_proj(x) when q_lora_rank is null) -> N heads of
+           [qk_nope_head_dim | qk_rope_head_dim]
+  c, kr  = split(kv_a_proj_with_mqa(x))          c: the kv_lora_rank latent, kr: ONE rope key shared by all heads
+  k, v   = split(kv_b_proj(RMSNorm(c)))          per head [qk_nope_head_dim], [v_head_dim]
+  score  = [q_nope | rope(q_rope)] . [k_nope | rope(kr)] * softmax_scale   (causal, softmax in fp32)
+  out    = o_proj(concat_heads(softmax(score) v))
+Parameter names are the HF ones (`self_attn.q_a_proj.weight`, ...). The score/softmax/context part is its own
+parameter-free cell (`core`) so selective recompute can recompute exactly the S x S part.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+from research.deepseek3.layers import Linear, RMSNorm, ms_dtype
+from research.deepseek3.rope import apply_rotary, softmax_scale
+
+MASK_VALUE = -1.0e9
+
+
+def causal_mask(seq_length):
+    """Additive [S, S] float32 mask: 0 on and below the diagonal, -1e9 above (future positions)."""
+    rows = ops.arange(0, seq_length, dtype=ms.int32).reshape(seq_length, 1)
+    cols = ops.arange(0, seq_length, dtype=ms.int32).reshape(1, seq_length)
+    return ops.select(cols > rows, ops.full((seq_length, seq_length), MASK_VALUE, dtype=ms.float32),
+                      ops.zeros((seq_length, seq_length), ms.float32))
+
+
+class AttentionCore(nn.Cell):
+    """softmax(q k^T * scale + mask) v, the softmax in `softmax_compute_type`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.scale = float(softmax_scale(cfg))
+        self.softmax_dtype = ms_dtype(cfg.softmax_compute_type)
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.context_matmul = ops.BatchMatMul()
+
+    def construct(self, query, key, value, mask):
+        # The scale goes on the query ([B,N,S,D]) rather than the scores ([B,N,S,S]), and casts only happen when
+        # the dtypes differ: every S x S temporary avoided is memory the graph keeps for backward.
+        scores = self.scores_matmul(query * self.scale, key)
+        if self.softmax_dtype != self.compute_dtype:
+            scores = ops.cast(scores, self.softmax_dtype)
+        probs = ops.softmax(scores + mask, -1)
+        if self.softmax_dtype != self.compute_dtype:
+            probs = ops.cast(probs, self.compute_dtype)
+        return self.context_matmul(probs, value)
+
+
+class MultiHeadLatentAttention(nn.Cell):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.interleave = bool(cfg.rope_interleave)
+        self.use_q_lora = cfg.q_lora_rank is not None
+        q_out = self.num_heads * cfg.qk_head_dim
+        if self.use_q_lora:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out, cfg)
+        else:
+            self.q_proj = Linear(cfg.hidden_size, q_out, cfg)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg)
+        self.o_proj = Linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size, cfg)
+        self.core = AttentionCore(cfg)
+
+    def construct(self, x, cos, sin, mask):
+        batch, seq, _ = x.shape
+        if self.use_q_lora:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            query = self.q_proj(x)
+        query = query.reshape(batch, seq, self.num_heads, self.nope_dim + self.rope_dim).transpose(0, 2, 1, 3)
+        q_nope = query[..., :self.nope_dim]
+        q_rope = apply_rotary(query[..., self.nope_dim:], cos, sin, self.interleave)
+
+        compressed = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(compressed[..., :self.kv_lora_rank])
+        k_rope = compressed[..., self.kv_lora_rank:].reshape(batch, 1, seq, self.rope_dim)
+        k_rope = apply_rotary(k_rope, cos, sin, self.interleave)
+        kv = self.kv_b_proj(latent).reshape(batch, seq, self.num_heads, self.nope_dim + self.v_dim)
+        kv = kv.transpose(0, 2, 1, 3)
+        k_nope = kv[..., :self.nope_dim]
+        value = kv[..., self.nope_dim:]
+
+        query = ops.concat((q_nope, q_rope), -1)
+        key = ops.concat((k_nope, ops.broadcast_to(k_rope, (batch, self.num_heads, seq, self.rope_dim))), -1)
+        context = self.core(query, key, value, mask)                    # [B, N, S, V]
+        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.v_dim)
+        return self.o_proj(context)

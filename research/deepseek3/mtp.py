@@ -1,0 +1,56 @@
+"""Multi-token prediction (DeepSeek-V3 report, section 2.2), one module per extra predicted token.
+
+Module k (k = 1..D, stored as `model.layers.{num_hidden_layers + k - 1}`) predicts token t_{i+k+1} at position i:
+
+    h^k_i = Block_k( eh_proj( concat( enorm(Emb(t_{i+k})), hnorm(h^{k-1}_i) ) ) )    embedding FIRST
+    p^k_i = Head( shared_head.norm(h^k_i) )
+
+h^0 is the main model's final (normed) hidden state, as in the DeepSeek-V3 serving code (vLLM) and
+transformers' MtpModel; h^k feeds module k+1 before its norm. Emb and Head are the main model's (shared);
+`shared_head.norm` is the module's own. The released weights order the concatenation embedding first (the
+report's formula lists the hidden state first); `eh_proj.weight[:, :H]` multiplies the embedding.
+
+With labels already shifted (labels[i] = t_{i+1}), the inputs of module k are input_ids shifted left by k (real
+tokens, as Megatron-Core does, never the ignore values labels may carry) and its targets labels shifted left by
+k, weighted by loss_mask shifted left by k; the last k positions have no target and get weight 0. The training
+loss adds `mtp_loss_factor / D * sum_k L_k`.
+"""
+from mindspore import nn, ops
+
+from research.deepseek3.decoder import DecoderLayer
+from research.deepseek3.layers import Linear, RMSNorm
+
+
+def shift_left(tensor, steps):
+    """[B, S] -> [B, S] with tensor[:, steps:] first and zeros in the last `steps` positions."""
+    if steps == 0:
+        return tensor
+    return ops.concat((tensor[:, steps:], ops.zeros_like(tensor[:, :steps])), 1)
+
+
+class SharedHead(nn.Cell):
+    """Holds the module's final norm; the output projection itself is the main model's head (shared)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
+
+    def construct(self, hidden):
+        return self.norm(hidden)
+
+
+class MTPLayer(DecoderLayer):
+    """A decoder block (always MoE) preceded by the embedding/hidden merge and followed by its own norm."""
+
+    def __init__(self, cfg, layer_index):
+        super().__init__(cfg, layer_index)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg)
+        self.shared_head = SharedHead(cfg)
+
+    def construct(self, embedded, previous_hidden, cos, sin, mask):
+        """-> (h^k before the norm, shared_head.norm(h^k), expert load, balance loss)."""
+        merged = self.eh_proj(ops.concat((self.enorm(embedded), self.hnorm(previous_hidden)), -1))
+        hidden, load, balance = self.block(merged, cos, sin, mask)
+        return hidden, self.shared_head(hidden), load, balance

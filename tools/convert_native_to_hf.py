@@ -1,0 +1,52 @@
+"""Write a HuggingFace DeepSeek-V3 directory from native weights or a training checkpoint, for transformers,
+vLLM and SGLang.
+
+    python tools/convert_native_to_hf.py --checkpoint /ckpt/deepseek3-native --output-dir /models/mine-hf \\
+        [--dtype bf16|fp32] [--fp8] [--tokenizer-dir /models/DeepSeek-V3] [--workers 4] [--max-shard-size 5GB]
+
+The output has the release's names and shapes (MTP layers and their copies of the embedding/head included),
+`config.json`, sharded `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, and the tokenizer
+files of --tokenizer-dir. --fp8 re-quantises the weights the release quantises (every 2-D linear weight of the
+decoder blocks) to e4m3 with float32 128x128 `weight_scale_inv` blocks and adds the release's
+`quantization_config`. Written into a temporary directory renamed to --output-dir only when complete and verified.
+"""
+import argparse
+import sys
+
+from mindpretrain.checkpoint.conversion import DEFAULT_MAX_SHARD, ConversionError, convert_native_to_hf
+from mindpretrain.checkpoint.safetensors_io import SafetensorsError
+from mindpretrain.config import ConfigError
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="convert_native_to_hf.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="native weights directory (config.json) or training checkpoint step directory "
+                             "(model.safetensors + config.yaml); optimizer state is skipped")
+    parser.add_argument("--output-dir", required=True, help="new HF directory (must not exist or be empty)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="dtype of the unquantised tensors (default bf16, as released)")
+    parser.add_argument("--fp8", action="store_true", help="fp8 e4m3 block quantisation as in the official release")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="directory whose tokenizer.json / tokenizer_config.json / ... are copied")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
+                        help=f"largest output shard, e.g. 5GB (default {DEFAULT_MAX_SHARD})")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        convert_native_to_hf(args.checkpoint, args.output_dir, dtype=args.dtype, quantise_fp8=args.fp8,
+                             tokenizer_dir=args.tokenizer_dir, workers=args.workers,
+                             max_shard_size=args.max_shard_size)
+    except (ConversionError, ConfigError, SafetensorsError) as error:
+        print(f"convert_native_to_hf.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
