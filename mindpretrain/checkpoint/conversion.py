@@ -26,7 +26,8 @@ from multiprocessing import get_context
 
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.conversion_io import (
-    _Readers, compare_tensors, verify_written, write_index, write_shard)
+    compare_tensors, verify_written, write_index, write_shard)
+from mindpretrain.checkpoint.safetensors_io import OpenFiles
 from mindpretrain.checkpoint.conversion_plan import (
     ConversionError, Problems, TensorJob, inventory, layout_shards, match_sources, parse_size)
 from mindpretrain.utils.logging import get_logger
@@ -226,7 +227,7 @@ def _check_duplicates(checks):
     Each pair is compared slab by slab and unmapped before the next, so this holds at most two such tensors."""
     dropped = {}
     for copy, copy_tensor, original_tensor, original in checks:
-        readers = _Readers()
+        readers = OpenFiles()
         try:
             identical, worst = compare_tensors(readers, copy_tensor, original_tensor)
         finally:

@@ -8,14 +8,14 @@ memory-mapped `open_safetensors`; peak memory is the pages of the source shard t
 """
 import json
 import os
-import struct
 
 import numpy as np
 
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.conversion_plan import ITEM_SIZE, ConversionError
 from mindpretrain.checkpoint.safetensors_io import (
-    INDEX_FILE, SafetensorsError, bf16_bits_to_float32, float32_to_bf16_bits, open_safetensors)
+    INDEX_FILE, OpenFiles, SafetensorsError, encode_header, bf16_bits_to_float32, float32_to_bf16_bits, open_safetensors,
+    read_index)
 
 SLAB_BYTES = 8 * 1024 * 1024       # float32 bytes per slab (whole 128-row fp8 blocks); small enough to stay in
                                    # cache and in the malloc heap (bigger temporaries are fresh mmaps: page faults)
@@ -33,13 +33,8 @@ class PlannedShardWriter:
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._sizes.append((name, nbytes))
             offset += nbytes
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
         self._handle = open(path, "wb")
-        self._handle.write(struct.pack("<Q", len(encoded)))
-        self._handle.write(encoded)
+        self._handle.write(encode_header(header, metadata))
         self._entry = 0
         self._written = 0
 
@@ -71,29 +66,6 @@ class PlannedShardWriter:
         self._handle.close()
 
 
-class _Readers:
-    """Open source files on demand (each at most once per shard) and close them together."""
-
-    def __init__(self):
-        self._open = {}
-
-    def get(self, path):
-        if path not in self._open:
-            self._open[path] = open_safetensors(path)
-        return self._open[path]
-
-    def release(self, path):
-        """Unmap one file: the pages touched so far stop counting towards this process's memory."""
-        reader = self._open.pop(path, None)
-        if reader is not None:
-            reader.close()
-
-    def close(self):
-        for reader in self._open.values():
-            reader.close()
-        self._open.clear()
-
-
 def _rows_per_slab(shape):
     if len(shape) < 2:
         return max(1, shape[0] if shape else 1)
@@ -104,10 +76,10 @@ def _rows_per_slab(shape):
 
 def float_slabs(readers, tensor, scale=None):
     """Yield (row_start, float32 slab) of a source tensor: fp8 dequantised with its scale, bf16/f16 widened."""
-    raw = readers.get(tensor.path).get_raw(tensor.name)
+    raw = readers(tensor.path).get_raw(tensor.name)
     scale_values = None
     if tensor.dtype == "F8_E4M3":
-        scale_raw = readers.get(scale.path).get_raw(scale.name)
+        scale_raw = readers(scale.path).get_raw(scale.name)
         scale_values = bf16_bits_to_float32(scale_raw) if scale.dtype == "BF16" else np.asarray(scale_raw, np.float32)
     if raw.ndim == 0:
         raw = raw.reshape(1)
@@ -124,7 +96,7 @@ def float_slabs(readers, tensor, scale=None):
 
 def raw_slabs(readers, tensor):
     """Yield the stored bits of a source tensor in slabs (for dtype-preserving copies)."""
-    raw = readers.get(tensor.path).get_raw(tensor.name)
+    raw = readers(tensor.path).get_raw(tensor.name)
     if raw.ndim == 0:
         yield raw.reshape(1)
         return
@@ -162,7 +134,7 @@ def write_shard(shard, directory, metadata=None, on_tensor=None):
     """Write one planned shard into `directory`; `on_tensor(job)` after each tensor (progress)."""
     path = os.path.join(directory, shard.file_name)
     writer = PlannedShardWriter(path, shard.entries(), metadata)
-    readers = _Readers()
+    readers = OpenFiles()
     last_use = {}
     for position, job in enumerate(shard.jobs):
         for source in (job.source, job.scale):
@@ -221,9 +193,7 @@ def verify_written(directory, shards, required_names):
             if name in seen:
                 problems.append(f"{name} written twice ({seen[name]} and {shard.file_name})")
             seen[name] = shard.file_name
-    with open(os.path.join(directory, INDEX_FILE), "r", encoding="utf-8") as handle:
-        index = json.load(handle)["weight_map"]
-    if index != seen:
+    if read_index(directory) != seen:
         problems.append("model.safetensors.index.json does not match the written shards")
     problems += [f"{name} is missing from the output" for name in required_names if name not in seen]
     if problems:

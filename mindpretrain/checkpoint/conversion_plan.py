@@ -8,13 +8,12 @@ tensors instead of the first one; nothing is written for a source that does not 
 The resulting plan (a list of `OutputShard`s made of `TensorJob`s) is plain data: the writer executes it shard by
 shard, in any process, and the verifier checks the written files against it.
 """
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from mindpretrain.checkpoint import fp8
-from mindpretrain.checkpoint.safetensors_io import INDEX_FILE, SafetensorsError, open_safetensors
+from mindpretrain.checkpoint.safetensors_io import INDEX_FILE, SafetensorsError, open_safetensors, read_index
 
 FLOAT_SOURCE_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
 ITEM_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
@@ -110,14 +109,11 @@ def inventory(directory, problems, file_filter=None):
     directory = str(directory)
     if not os.path.isdir(directory):
         raise ConversionError(f"checkpoint directory {directory} does not exist")
-    index_path = os.path.join(directory, INDEX_FILE)
-    weight_map = None
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, "r", encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConversionError(f"{index_path} is not a valid safetensors index: {error}") from None
+    try:
+        weight_map = read_index(directory)
+    except SafetensorsError as error:
+        raise ConversionError(str(error)) from None
+    if weight_map is not None:
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))

@@ -221,6 +221,17 @@ def open_safetensors(path):
     return SafetensorsFile(path)
 
 
+def encode_header(entries, metadata=None):
+    """The length-prefixed JSON header for `entries` ({name: {dtype, shape, data_offsets}}), padded so that
+    tensor data starts 8-byte aligned, as the reference implementation writes it."""
+    header = dict(entries)
+    if metadata:
+        header["__metadata__"] = {str(key): str(value) for key, value in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
 class SafetensorsWriter:
     """Streams tensors into `path`: data goes to a temporary file as added, header on `close()`.
 
@@ -230,7 +241,7 @@ class SafetensorsWriter:
 
     def __init__(self, path, metadata=None):
         self.path = str(path)
-        self.metadata = {str(key): str(value) for key, value in (metadata or {}).items()}
+        self.metadata = metadata
         self._entries = {}
         self._offset = 0
         self._scratch_path = temporary_sibling(self.path)
@@ -254,14 +265,8 @@ class SafetensorsWriter:
         self._scratch.close()
         final_tmp = temporary_sibling(self.path)
         try:
-            header = dict(self._entries)
-            if self.metadata:
-                header["__metadata__"] = self.metadata
-            encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-            encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
             with open(final_tmp, "wb") as out, open(self._scratch_path, "rb") as scratch:
-                out.write(struct.pack("<Q", len(encoded)))
-                out.write(encoded)
+                out.write(encode_header(self._entries, self.metadata))
                 while True:
                     chunk = scratch.read(64 * 1024 * 1024)
                     if not chunk:
@@ -305,6 +310,50 @@ def load_safetensors(path):
         return {name: handle.get(name) for name in handle.keys()}
 
 
+def read_index(directory):
+    """The `weight_map` of a directory's model.safetensors.index.json, or None when it has no index."""
+    index_path = os.path.join(str(directory), INDEX_FILE)
+    if not os.path.isfile(index_path):
+        return None
+    try:
+        with open(index_path, "r", encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SafetensorsError(f"{index_path} is not a valid safetensors index: {error}") from None
+    return weight_map
+
+
+class OpenFiles:
+    """Opens each safetensors file once, on first use, and closes them together (or one early with
+    `release`, so that the pages a finished file touched stop counting towards this process's memory)."""
+
+    def __init__(self):
+        self._open = {}
+
+    def __call__(self, path):
+        if path not in self._open:
+            self._open[path] = open_safetensors(path)
+        return self._open[path]
+
+    def release(self, path):
+        handle = self._open.pop(path, None)
+        if handle is not None:
+            handle.close()
+
+    def close(self):
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def read_checkpoint_dir(directory):
     """Map each tensor name of a safetensors checkpoint directory to the file holding it.
 
@@ -314,17 +363,12 @@ def read_checkpoint_dir(directory):
     directory = str(directory)
     if not os.path.isdir(directory):
         raise SafetensorsError(f"checkpoint directory {directory} does not exist")
-    index_path = os.path.join(directory, INDEX_FILE)
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, "r", encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise SafetensorsError(f"{index_path} is not a valid safetensors index: {error}") from None
+    weight_map = read_index(directory)
+    if weight_map is not None:
         missing = sorted({name for name in weight_map.values()
                           if not os.path.isfile(os.path.join(directory, name))})
         if missing:
-            raise SafetensorsError(f"{index_path} names shard files that are missing: {', '.join(missing)}")
+            raise SafetensorsError(f"{os.path.join(directory, INDEX_FILE)} names shard files that are missing: {', '.join(missing)}")
         return {name: os.path.join(directory, file) for name, file in weight_map.items()}
     files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
     if not files:

@@ -18,7 +18,7 @@ import numpy as np
 from mindspore import Tensor
 
 from mindpretrain.checkpoint import fp8
-from mindpretrain.checkpoint.safetensors_io import open_safetensors, read_checkpoint_dir
+from mindpretrain.checkpoint.safetensors_io import OpenFiles, read_checkpoint_dir
 from mindpretrain.utils.logging import get_logger
 from research.deepseek3.weight_mapping import hf_parameter_shapes, release_duplicates
 
@@ -36,23 +36,6 @@ class CheckpointMismatchError(ValueError):
 def _layer_index(name):
     match = _LAYER.match(name)
     return int(match.group(1)) if match else None
-
-
-class _Files:
-    """Open each shard once; close all at the end."""
-
-    def __init__(self):
-        self._open = {}
-
-    def __call__(self, path):
-        if path not in self._open:
-            self._open[path] = open_safetensors(path)
-        return self._open[path]
-
-    def close(self):
-        for handle in self._open.values():
-            handle.close()
-        self._open.clear()
 
 
 def plan_load(cfg, located, files, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES):
@@ -136,7 +119,7 @@ def load_hf_weights(model, path, allow_missing_mtp=False, ignore_prefixes=IGNORE
     """
     cfg = model.config
     located = read_checkpoint_dir(path)
-    files = _Files()
+    files = OpenFiles()
     try:
         sources, copies, notes = plan_load(cfg, located, files, allow_missing_mtp, ignore_prefixes)
         values = {name: _read(files, name, file, scale) for name, (file, scale) in sources.items()}
