@@ -1,0 +1,1 @@
+"""Pre-flight cost model: memory, FLOPs and communication per device for a run's layout."""

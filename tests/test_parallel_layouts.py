@@ -1,0 +1,185 @@
+"""Weight shard layouts and op shard strategies: shapes multiply back, strategies agree with each other."""
+import math
+
+import pytest
+
+from mindpretrain.config import ConfigError, load_config
+from mindpretrain.parallel.layouts import KIND_SPLITS, WEIGHT_KINDS, weight_kind, weight_layouts
+from mindpretrain.parallel.parallel_config import ParallelConfig
+from mindpretrain.parallel.pipeline import place_layers
+from mindpretrain.parallel.strategies import MATMUL_OPS, OP_KINDS, apply_shard_strategies, op_strategies
+from research.deepseek3.deepseek3_config import DeepseekV3Config
+from research.deepseek3.weight_mapping import hf_parameter_shapes
+from tests.conftest import PROJECT_ROOT
+
+CONFIGS = {
+    "671b": "research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml",
+    "1b": "research/deepseek3/deepseek3_671b/pretrain_deepseek3_1b.yaml",
+    "tiny": "configs/deepseek3/pretrain_deepseek3_tiny_cpu.yaml",
+}
+
+
+def model_config(name):
+    section = dict(load_config(str(PROJECT_ROOT / CONFIGS[name])).model.model_config)
+    section.pop("type")
+    return DeepseekV3Config(**section)
+
+
+@pytest.fixture(scope="module")
+def shapes_671b():
+    return hf_parameter_shapes(model_config("671b"))
+
+
+LAYOUTS_671B = [
+    dict(data_parallel=16, model_parallel=4, expert_parallel=8, pipeline_stage=16, micro_batch_num=32,
+         use_seq_parallel=True, offset=[1] * 15 + [-1]),
+    dict(data_parallel=8, model_parallel=8, expert_parallel=8, pipeline_stage=16, micro_batch_num=16,
+         vocab_emb_dp=False, offset=[1] * 15 + [-1], expert_model_parallel=1),
+    dict(data_parallel=64, model_parallel=16, expert_parallel=64, pipeline_stage=1),
+]
+
+
+@pytest.mark.parametrize("values", LAYOUTS_671B)
+def test_shard_shapes_multiply_back_to_full_shapes(shapes_671b, values):
+    pc = ParallelConfig.from_dict(values)
+    cfg = model_config("671b")
+    placement = pc.validate(cfg, pc.device_num)
+    layouts = weight_layouts(shapes_671b, pc, placement)
+    assert len(layouts) == len(shapes_671b)
+    held = 0
+    for layout in layouts:
+        assert tuple(s * p for s, p in zip(layout.shard_shape, layout.split)) == layout.shape, layout
+        # the stage's devices hold every weight exactly `replicas` times
+        copies_per_stage = pc.devices_per_stage // layout.replicas
+        assert copies_per_stage == math.prod(layout.split) * layout.expert_parallel, layout
+        held += layout.numel_per_device * pc.devices_per_stage / layout.replicas
+        assert layout.stages and all(0 <= stage < pc.pipeline_stage for stage in layout.stages)
+    assert held == pytest.approx(sum(math.prod(shape) for shape in shapes_671b.values()))
+
+
+def test_kinds_of_the_671b_weights(shapes_671b):
+    pc = ParallelConfig.from_dict(LAYOUTS_671B[0])
+    placement = place_layers(model_config("671b"), pc)
+    by_name = {layout.name: layout for layout in weight_layouts(shapes_671b, pc, placement)}
+    q_b = by_name["model.layers.0.self_attn.q_b_proj.weight"]
+    assert q_b.shape == (128 * 192, 1536) and q_b.shard_shape == (32 * 192, 1536)     # 32 of 128 heads
+    o_proj = by_name["model.layers.5.self_attn.o_proj.weight"]
+    assert o_proj.shard_shape == (7168, 32 * 128) and o_proj.stages == (1,)
+    expert = by_name["model.layers.3.mlp.experts.255.down_proj.weight"]
+    assert expert.kind == "moe.expert_down_proj" and expert.expert_parallel == 8
+    assert expert.shard_shape == (7168, 512) and expert.replicas == 2        # 64 devices / (8 ep * 4 tp)
+    assert by_name["model.layers.3.mlp.gate.e_score_correction_bias"].replicas == 64
+    assert by_name["model.embed_tokens.weight"].stages == (0, 15)          # MTP reads the embedding on stage 15
+    assert by_name["lm_head.weight"].stages == (15,)
+    assert by_name["model.layers.61.eh_proj.weight"].stages == (15,)
+
+
+def test_every_weight_name_has_exactly_one_kind():
+    import re
+
+    for name in ("tiny", "1b"):
+        for weight in hf_parameter_shapes(model_config(name)):
+            matching = [kind for kind, pattern, _, _ in WEIGHT_KINDS if re.match(pattern + "$", weight)]
+            assert len(matching) == 1, (weight, matching)
+    no_q_lora = DeepseekV3Config(q_lora_rank=None, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8,
+                                 n_group=2,
+                                 topk_group=1, num_experts_per_tok=2)
+    assert weight_kind("model.layers.0.self_attn.q_proj.weight")[0] == "attention.q_proj"
+    assert "model.layers.0.self_attn.q_proj.weight" in hf_parameter_shapes(no_q_lora)
+    with pytest.raises(ConfigError, match="matches no weight kind"):
+        weight_kind("model.layers.0.self_attn.rotary.inv_freq")
+
+
+# ------------------------------------------------------------------------------------------ strategies
+STRATEGY_LAYOUTS = [
+    dict(),
+    dict(data_parallel=16, model_parallel=4, expert_parallel=8, pipeline_stage=16, micro_batch_num=32,
+         use_seq_parallel=True),
+    dict(data_parallel=4, model_parallel=2, expert_parallel=4, vocab_emb_dp=False),
+    dict(data_parallel=8, model_parallel=8, expert_parallel=2, expert_model_parallel=2),
+]
+
+
+@pytest.mark.parametrize("values", STRATEGY_LAYOUTS)
+def test_strategies_are_consistent(values):
+    pc = ParallelConfig.from_dict(values)
+    strategies = op_strategies(pc)
+    dp, mp, ep = pc.data_parallel, pc.model_parallel, pc.expert_parallel
+    assert set(strategies) == set(OP_KINDS)
+    for kind, strategy in strategies.items():
+        for entry in strategy:
+            assert all(isinstance(part, int) and part >= 1 for part in entry), (kind, strategy)
+            assert pc.devices_per_stage % math.prod(entry) == 0, (kind, strategy)
+    for kind in MATMUL_OPS:                    # x [T, in] @ W[out, in]^T
+        x, weight = strategies[kind]
+        assert weight == tuple(1 if symbol is None else {"mp": mp, "emp": pc.expert_tensor_parallel,
+                                                          "vocab": pc.vocab_parallel}[symbol]
+                               for symbol in KIND_SPLITS[kind]), kind
+        assert x[1] == weight[1], kind        # contracted dimension split alike
+    q, k = strategies["attention.qk_bmm"]
+    assert q == k == (dp, mp, 1, 1)           # heads over model parallel, contracted head dim whole
+    probs, value = strategies["attention.pv_bmm"]
+    assert probs[:2] == value[:2] and probs[3] == value[2] == 1
+    assert strategies["attention.softmax"] == ((dp, mp, 1, 1),)
+    x, weight = strategies["moe.expert_gate_proj"]
+    assert x[0] == weight[0] == ep and x[2] == weight[2] and x[1] == dp // ep
+    h, weight = strategies["moe.expert_down_proj"]
+    assert h[2] == weight[2] == pc.expert_tensor_parallel
+    table, ids = strategies["embedding.gather"]
+    assert table == (pc.vocab_parallel, 1) and ids == (dp, 1)
+    assert strategies["lm_head"][1] == (pc.vocab_parallel, 1)
+    assert strategies["norm"][0] == (dp, pc.sequence_parallel, 1)
+
+
+def test_apply_is_skipped_clearly_outside_semi_auto_parallel():
+    import mindspore as ms
+
+    from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
+
+    cfg = model_config("tiny")
+    cfg = DeepseekV3Config(**{**cfg.to_dict(), "vocab_size": 512})
+    model = DeepseekV3ForCausalLM(cfg)
+    pc = ParallelConfig.from_dict(dict(data_parallel=2, model_parallel=2, expert_parallel=2))
+    assert ms.get_auto_parallel_context("parallel_mode") == "stand_alone"
+    report = apply_shard_strategies(model, pc)
+    assert not report.applied and "stand_alone" in report.reason
+    planned = {(path, kind): strategy for path, _, kind, strategy in report.planned}
+    assert planned[("model.layers.0.self_attn.q_b_proj", "attention.q_b_proj")] == ((2, 1), (2, 1))
+    assert planned[("model.layers.0.self_attn.o_proj", "attention.o_proj")] == ((2, 2), (1, 2))
+    assert planned[("model.embed_tokens", "embedding")] == ((1, 1), (2, 1))
+    assert planned[("model.layers.1.self_attn.core", "attention.qk_bmm")] == ((2, 2, 1, 1), (2, 2, 1, 1))
+    kinds = {kind for _, kind in planned}
+    assert {"attention.kv_b_proj", "mlp.gate_proj", "moe.shared_down_proj", "mtp.eh_proj"} <= kinds
+    # routed experts run as one batched matmul over stacked weights, not through their Linear cells
+    assert not any(".mlp.experts." in path for path, _ in planned)
+
+
+def test_forced_application_sets_primitive_strategies_and_the_model_still_runs_stand_alone():
+    """On CPU, `force=True` exercises the apply path: primitives record their strategies (MindSpore ignores them
+    outside semi-auto parallel), cells accept `Cell.shard`, and the model still computes."""
+    import numpy as np
+    import mindspore as ms
+
+    from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**{**model_config("tiny").to_dict(), "vocab_size": 512, "seq_length": 16})
+    model = DeepseekV3ForCausalLM(cfg)
+    ids = ms.Tensor(np.arange(16, dtype=np.int32).reshape(2, 8))
+    before = model(ids).asnumpy()
+    pc = ParallelConfig.from_dict(dict(data_parallel=2, model_parallel=2, expert_parallel=2, use_seq_parallel=True))
+    report = apply_shard_strategies(model, pc, force=True)
+    assert report.applied
+    core = model.model.layers[0].self_attn.core
+    assert core.scores_matmul.attrs["in_strategy"] == ((2, 2, 1, 1), (2, 2, 1, 1))
+    assert core.context_matmul.attrs["in_strategy"] == ((2, 2, 1, 1), (2, 2, 1, 1))
+    np.testing.assert_allclose(model(ids).asnumpy(), before, rtol=1e-6, atol=1e-6)
+
+
+def test_row_parallel_projections_reduce_scatter_under_sequence_parallel():
+    from mindpretrain.parallel.strategies import op_out_strategy
+
+    pc = ParallelConfig.from_dict(dict(data_parallel=2, model_parallel=4, use_seq_parallel=True))
+    assert op_out_strategy("attention.o_proj", pc) == ((8, 1),)
+    assert op_out_strategy("mlp.down_proj", pc) == ((8, 1),)
+    assert op_out_strategy("attention.q_b_proj", pc) is None
+    assert op_out_strategy("attention.o_proj", ParallelConfig.from_dict(dict(model_parallel=4))) is None
