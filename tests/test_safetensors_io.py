@@ -113,3 +113,11 @@ def test_checkpoint_dir_with_and_without_index(tmp_path):
     save_safetensors(tmp_path / "c.safetensors", {"y": np.zeros(1, np.float32)})
     with pytest.raises(SafetensorsError, match="stored twice"):
         read_checkpoint_dir(tmp_path)
+
+
+def test_scalars_keep_their_shape(tmp_path):
+    path = tmp_path / "scalar.safetensors"
+    save_safetensors(path, {"step": np.array(7, dtype=np.int64), "lr": (np.array(0.5, dtype=np.float32), "BF16")})
+    with open_safetensors(path) as handle:
+        assert handle.info("step") == ("I64", ()) and handle.info("lr") == ("BF16", ())
+        assert handle.get("step") == 7 and handle.get("lr").shape == ()

@@ -30,6 +30,7 @@ if ROOT not in sys.path:
 from mindpretrain import registry  # noqa: E402
 from mindpretrain.config import ConfigError, load_config, parse_override_args  # noqa: E402
 from mindpretrain.registry import RegistryError  # noqa: E402
+from mindpretrain.training.launch import build_model_config  # noqa: E402
 from mindpretrain.parallel.layouts import kind_summary  # noqa: E402
 from mindpretrain.parallel.parallel_config import ParallelConfig  # noqa: E402
 from mindpretrain.planning.cost_model import (GIB, TrainingSetup, build_plan, model_facts,  # noqa: E402
@@ -66,26 +67,6 @@ def load_run(config_path, overrides=(), register_path=None):
     registry.import_register_path(register_path or os.path.join(ROOT, "research", "deepseek3"))
     model_config = build_model_config(config)
     return config, model_config, ParallelConfig.from_run_config(config)
-
-
-def build_model_config(config):
-    """The trainer's model-config step (mindpretrain.training.launch) without building the model."""
-    try:
-        from mindpretrain.training.launch import build_model_config as trainer_build
-    except ImportError:
-        trainer_build = None
-    if trainer_build is not None:
-        return trainer_build(config)
-    section = dict(((config.get("model") or {}).get("model_config")) or {})
-    if "type" not in section:
-        raise ConfigError("model.model_config.type (None) must name a registered config class")
-    recompute = config.get("recompute_config") or {}
-    if "recompute" not in section and recompute:
-        if recompute.get("recompute"):
-            section["recompute"] = recompute["recompute"]
-        elif recompute.get("select_recompute"):
-            section["recompute"] = "selective"
-    return registry.build("config", section)
 
 
 def training_setup(config, model_config, args):

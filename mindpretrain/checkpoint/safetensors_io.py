@@ -44,19 +44,22 @@ class SafetensorsError(ValueError):
 
 def float32_to_bf16_bits(values):
     """Round float32 to bfloat16 (nearest, ties to even, NaN kept NaN) and return the uint16 bits."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    values = np.asarray(values, dtype=np.float32)
+    shape = values.shape
+    values = np.ascontiguousarray(values).reshape(-1)
     bits = values.view(np.uint32)
     rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
     rounded = ((bits + rounding) >> 16).astype(np.uint16)
     nan = np.isnan(values)
     if nan.any():
         rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # keep it a quiet NaN
-    return rounded
+    return rounded.reshape(shape)
 
 
 def bf16_bits_to_float32(bits):
     """Exact widening of bfloat16 bits (uint16) to float32."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    bits = np.asarray(bits, dtype=np.uint16)
+    return (bits.reshape(-1).astype(np.uint32) << 16).view(np.float32).reshape(bits.shape)
 
 
 def _e4m3fn_table():
@@ -101,6 +104,11 @@ def decode(dtype_name, raw):
 def encode(array, dtype_name=None):
     """(stored dtype name, stored bits) for `array`; `dtype_name` converts floats (F32/F16/BF16)."""
     array = np.asarray(array)
+    name, bits = _encode_bits(array, dtype_name)
+    return name, bits.reshape(array.shape)  # np.ascontiguousarray makes 0-d arrays 1-d
+
+
+def _encode_bits(array, dtype_name):
     if dtype_name is None:
         if array.dtype not in _NATIVE_NAME:
             raise SafetensorsError(f"NumPy dtype {array.dtype} has no safetensors name; pass dtype=")

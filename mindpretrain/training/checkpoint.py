@@ -1,0 +1,254 @@
+"""Training checkpoints: one directory per save, complete or absent, resumable to the bit.
+
+    <output_dir>/checkpoint/step_00000012/
+        model.safetensors       every model Parameter by its HF name (fp32 master weights and the
+                                expert score-correction biases), as stored in memory
+        optimizer.safetensors   `optimizer.exp_avg.<name>`, `optimizer.exp_avg_sq.<name>`, `optimizer.adam_step`
+        trainer_state.json      step, consumed samples, data epoch, RNG states, the model's parameter
+                                shapes, data-parallel layout
+        config.yaml             the resolved run configuration
+        COMPLETE                written last: size and CRC-32 of every file above
+
+The directory is written as `step_00000012.tmp` and renamed once COMPLETE is in it, so a crash
+leaves at most a `.tmp` directory that nobody reads. Loading the newest checkpoint checks the
+marker (sizes, checksums, safetensors headers); a damaged newest checkpoint is skipped with a
+warning in favour of the previous good one. A checkpoint of another model shape is refused
+outright, because silently falling back would train the wrong model.
+
+Values are stored in their in-memory dtype (no pickle, no conversion), which is what makes
+"stop after step 6, resume to 12" equal to an uninterrupted run bit for bit.
+"""
+import json
+import os
+import re
+import shutil
+import zlib
+
+import numpy as np
+import yaml
+
+from mindpretrain.checkpoint.safetensors_io import SafetensorsError, open_safetensors, save_safetensors
+from mindpretrain.utils.atomic_files import atomic_write
+from mindpretrain.utils.logging import get_logger
+
+logger = get_logger("checkpoint")
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+COMPLETE_MARKER = "COMPLETE"
+OPTIMIZER_PREFIX = "optimizer."
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+def checkpoint_root(output_dir):
+    return os.path.join(output_dir, "checkpoint")
+
+
+def step_dir_name(step):
+    return f"step_{step:08d}"
+
+
+def _file_crc32(path):
+    crc = 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(16 * 1024 * 1024)
+            if not chunk:
+                return crc
+            crc = zlib.crc32(chunk, crc)
+
+
+def _as_numpy(parameter):
+    return parameter.asnumpy() if hasattr(parameter, "asnumpy") else np.asarray(parameter)
+
+
+def save_checkpoint(root, step, model_params, optimizer_state, trainer_state, config, keep_last=None):
+    """Write checkpoint `step` under `root` (temporary name, then rename) and prune to `keep_last`.
+
+    `model_params` / `optimizer_state`: {name: Parameter or array}. Returns the final directory.
+    """
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, step_dir_name(step))
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_safetensors(os.path.join(tmp, MODEL_FILE),
+                         {name: _as_numpy(value) for name, value in model_params.items()},
+                         metadata={"format": "mindpretrain", "step": str(step)})
+        save_safetensors(os.path.join(tmp, OPTIMIZER_FILE),
+                         {OPTIMIZER_PREFIX + name: _as_numpy(value) for name, value in optimizer_state.items()},
+                         metadata={"format": "mindpretrain", "step": str(step)})
+        state = dict(trainer_state, step=step)
+        with atomic_write(os.path.join(tmp, STATE_FILE), "w") as handle:
+            json.dump(state, handle, indent=1)
+        with atomic_write(os.path.join(tmp, CONFIG_FILE), "w") as handle:
+            yaml.safe_dump(_plain(config), handle, sort_keys=False)
+        files = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
+                        "crc32": _file_crc32(os.path.join(tmp, name))}
+                 for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE)}
+        with atomic_write(os.path.join(tmp, COMPLETE_MARKER), "w") as handle:
+            json.dump({"step": step, "files": files}, handle, indent=1)
+        if os.path.isdir(final):  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        prune(root, keep_last)
+    return final
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def list_checkpoints(root):
+    """(step, directory) of every renamed (not `.tmp`) checkpoint under `root`, newest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found, reverse=True)
+
+
+def prune(root, keep_last):
+    """Delete all but the newest `keep_last` checkpoints, and stale `.tmp` directories."""
+    for _, directory in list_checkpoints(root)[keep_last:]:
+        shutil.rmtree(directory, ignore_errors=True)
+    for name in os.listdir(root):
+        if name.endswith(".tmp") and os.path.isdir(os.path.join(root, name)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def verify_checkpoint(directory):
+    """Raise CheckpointError unless `directory` is complete and undamaged."""
+    marker = os.path.join(directory, COMPLETE_MARKER)
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"checkpoint {directory} is incomplete: it has no {COMPLETE_MARKER} marker "
+                              "(the save was interrupted)")
+    try:
+        with open(marker, "r", encoding="utf-8") as handle:
+            files = json.load(handle)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {COMPLETE_MARKER} marker ({error})") from None
+    for name, expected in files.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {directory} is missing {name}")
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            raise CheckpointError(f"checkpoint {directory}: {name} is truncated or altered "
+                                  f"({size} bytes, {expected['size']} were written)")
+        if _file_crc32(path) != expected["crc32"]:
+            raise CheckpointError(f"checkpoint {directory}: {name} is corrupt (checksum mismatch)")
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        try:
+            open_safetensors(os.path.join(directory, name)).close()
+        except SafetensorsError as error:
+            raise CheckpointError(f"checkpoint {directory}: {error}") from None
+
+
+def find_resumable(root):
+    """The newest checkpoint under `root` that verifies; damaged newer ones are skipped with a warning.
+
+    Returns None when `root` holds no checkpoint; raises CheckpointError when all are damaged.
+    """
+    candidates = list_checkpoints(root)
+    problems = []
+    for _, directory in candidates:
+        try:
+            verify_checkpoint(directory)
+        except CheckpointError as error:
+            logger.warning("skipping damaged checkpoint: %s", error)
+            problems.append(str(error))
+            continue
+        if problems:
+            logger.warning("resuming from the previous good checkpoint %s", directory)
+        return directory
+    if problems:
+        raise CheckpointError("no usable checkpoint under " + root + ":\n  " + "\n  ".join(problems))
+    return None
+
+
+def check_shapes(directory, expected_shapes, source_file=MODEL_FILE, prefix=""):
+    """Refuse a checkpoint whose tensors do not match `expected_shapes` ({name: shape})."""
+    path = os.path.join(directory, source_file)
+    try:
+        with open_safetensors(path) as handle:
+            stored = {name[len(prefix):]: tuple(handle.info(name)[1]) for name in handle.keys()
+                      if name.startswith(prefix)}
+    except SafetensorsError as error:
+        raise CheckpointError(f"checkpoint {directory}: {error}") from None
+    expected = {name: tuple(shape) for name, shape in expected_shapes.items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    differing = sorted(name for name in set(expected) & set(stored) if expected[name] != stored[name])
+    if not (missing or unexpected or differing):
+        return
+    lines = [f"checkpoint {directory} does not fit this model (it was saved from a different model "
+             "configuration):"]
+    for name in differing[:5]:
+        lines.append(f"  {name}: shape {list(stored[name])} in the checkpoint, {list(expected[name])} in the model")
+    if len(differing) > 5:
+        lines.append(f"  ... and {len(differing) - 5} more tensors of other shapes")
+    if missing:
+        lines.append(f"  {len(missing)} model tensors are not in the checkpoint, e.g. {missing[0]}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} checkpoint tensors are not in the model, e.g. {unexpected[0]}")
+    raise CheckpointError("\n".join(lines))
+
+
+def read_tensors(directory, file_name, prefix=""):
+    """{name without prefix: array} of one checkpoint file (copied out of the memory map)."""
+    with open_safetensors(os.path.join(directory, file_name)) as handle:
+        return {name[len(prefix):]: np.array(handle.get_raw(name)) for name in handle.keys()
+                if name.startswith(prefix)}
+
+
+def read_trainer_state(directory):
+    with open(os.path.join(directory, STATE_FILE), "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def is_native_checkpoint(directory):
+    return os.path.isfile(os.path.join(directory, MODEL_FILE)) and os.path.isfile(
+        os.path.join(directory, STATE_FILE))
+
+
+# --- RNG state as JSON (numpy's Mersenne Twister, Python's random) -----------------------------
+
+def capture_rng_state():
+    import random
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    python_state = random.getstate()
+    return {"numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(position), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": [python_state[0], list(python_state[1]), python_state[2]]}
+
+
+def restore_rng_state(state):
+    import random
+
+    if not state:
+        return
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], np.asarray(numpy_state["keys"], dtype=np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,174 @@
+"""Turning a run YAML into a running process: device context, communication, parallel mode, model.
+
+`plan_parallel` is the one decision of how a run is parallelised, kept pure so it is tested on
+any machine:
+
+- one process (no msrun, or one worker): STAND_ALONE;
+- CPU with N msrun workers: DATA_PARALLEL over N ranks. The train step all-reduces gradients,
+  losses and expert loads itself (CPU supports AllReduce; it lacks ReduceScatter/AlltoAll that
+  semi-auto parallel needs), each rank reads its own share of every global batch;
+- Ascend: SEMI_AUTO_PARALLEL with `full_batch` (every rank reads the global batch, MindSpore
+  slices it), pipeline stages, optimizer sharding and the shard strategies of
+  `mindpretrain.parallel.strategies` from `parallel_config`; MindSpore inserts the gradient
+  reduction, so the train step must not add its own.
+"""
+import dataclasses
+import os
+
+from mindpretrain.config import require
+from mindpretrain.utils.logging import get_logger
+
+logger = get_logger("launch")
+
+STAND_ALONE, DATA_PARALLEL, SEMI_AUTO_PARALLEL = "stand_alone", "data_parallel", "semi_auto_parallel"
+
+
+@dataclasses.dataclass
+class ParallelPlan:
+    mode: str
+    world_size: int
+    data_parallel: int            # ranks the train step averages gradients over itself
+    data_rank: int                # this rank's position among them (its data shard)
+    full_batch: bool = False      # every rank reads the whole global batch (semi-auto slices it)
+    pipeline_stages: int = 1
+    optimizer_shard: bool = False
+    apply_shard_strategies: bool = False
+    # With full_batch each rank reads batch_size x this many samples per step (MindFormers' global batch:
+    # batch_size x data_parallel x micro_batch_num under pipeline), which MindSpore then slices.
+    batch_size_factor: int = 1
+    context: dict = dataclasses.field(default_factory=dict)   # set_auto_parallel_context arguments
+
+
+def plan_parallel(device_target, use_parallel, world_size, rank, parallel_config=None):
+    """How this run is parallelised; `parallel_config` is a mindpretrain.parallel ParallelConfig (or None)."""
+    device = str(device_target).upper()
+    require(device in ("CPU", "ASCEND", "GPU"), "device_target", device_target, "must be CPU or Ascend")
+    if not use_parallel or world_size <= 1:
+        require(world_size <= 1, "use_parallel", use_parallel,
+                f"must be True when {world_size} workers are launched (msrun); otherwise each would train alone")
+        return ParallelPlan(STAND_ALONE, 1, 1, 0, context={"parallel_mode": STAND_ALONE})
+    if device != "ASCEND":
+        if parallel_config is not None:
+            require(parallel_config.model_parallel == 1 and parallel_config.pipeline_stage == 1,
+                    "parallel_config", {"model_parallel": parallel_config.model_parallel,
+                                        "pipeline_stage": parallel_config.pipeline_stage},
+                    f"must be 1 on {device}: only data parallelism runs there (semi-auto parallel, pipeline "
+                    "and expert AlltoAll need Ascend)")
+        return ParallelPlan(DATA_PARALLEL, world_size, world_size, rank,
+                            context={"parallel_mode": DATA_PARALLEL, "gradients_mean": False,
+                                     "device_num": world_size})
+    require(parallel_config is not None, "parallel_config", None, "must be given for parallel training on Ascend")
+    require(parallel_config.device_num == world_size, "parallel_config", parallel_config.to_dict(),
+            f"uses data_parallel x model_parallel x pipeline_stage = {parallel_config.device_num} devices, "
+            f"but {world_size} workers were launched")
+    context = {"parallel_mode": SEMI_AUTO_PARALLEL, "gradients_mean": False, "full_batch": True,
+               "device_num": world_size, "pipeline_stages": parallel_config.pipeline_stage,
+               "enable_parallel_optimizer": bool(parallel_config.optimizer_shard),
+               "enable_alltoall": parallel_config.expert_parallel > 1}
+    factor = parallel_config.data_parallel * (parallel_config.micro_batch_num if parallel_config.pipeline_stage > 1
+                                               else 1)
+    return ParallelPlan(SEMI_AUTO_PARALLEL, world_size, 1, 0, full_batch=True, batch_size_factor=factor,
+                        pipeline_stages=parallel_config.pipeline_stage,
+                        optimizer_shard=bool(parallel_config.optimizer_shard), apply_shard_strategies=True,
+                        context=context)
+
+
+def default_device_target():
+    """Ascend when the CANN runtime is installed (its env var or the standard path), else CPU."""
+    if os.environ.get("ASCEND_HOME_PATH") or os.path.isdir("/usr/local/Ascend/ascend-toolkit"):
+        return "Ascend"
+    return "CPU"
+
+
+def launched_by_msrun():
+    """(worker count, rank) from the environment msrun gives its workers, or (1, 0)."""
+    workers = int(os.environ.get("MS_WORKER_NUM", "1") or 1)
+    return workers, int(os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", "0")) or 0)
+
+
+_CONTEXT_KEYS = ("mode", "jit_config", "max_call_depth", "save_graphs", "save_graphs_path", "deterministic",
+                 "max_device_memory", "memory_optimize_level", "runtime_num_threads")
+_CPU_IGNORED = ("max_device_memory", "memory_optimize_level", "deterministic")
+
+
+def init_context(context_section, device_target):
+    """mindspore.set_context from the YAML `context` section (MindFormers' keys), device from the CLI."""
+    import mindspore as ms
+
+    section = dict(context_section or {})
+    mode = section.get("mode", 0)
+    if isinstance(mode, str):
+        mode = {"GRAPH_MODE": 0, "PYNATIVE_MODE": 1}.get(mode.upper(), mode)
+    require(mode in (0, 1), "context.mode", mode, "must be 0 (GRAPH_MODE) or 1 (PYNATIVE_MODE)")
+    arguments = {"mode": mode}
+    for key in _CONTEXT_KEYS[1:]:
+        if key in section and not (device_target.upper() == "CPU" and key in _CPU_IGNORED):
+            arguments[key] = section[key]
+    ms.set_context(**arguments)
+    device_id = section.get("device_id")
+    if device_target.upper() == "ASCEND" and device_id is not None and os.environ.get("MS_WORKER_NUM") is None:
+        ms.set_device(device_target, int(device_id))
+    else:
+        ms.set_device(device_target)
+
+
+def init_communication(plan_world_size):
+    """mindspore.communication.init() under msrun; returns (rank, world size)."""
+    if plan_world_size <= 1:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    return get_rank(), get_group_size()
+
+
+def apply_parallel_plan(plan, model=None, parallel_config=None):
+    import mindspore as ms
+
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(**plan.context)
+    if plan.apply_shard_strategies and model is not None:
+        from mindpretrain.parallel.strategies import apply_shard_strategies
+
+        return apply_shard_strategies(model, parallel_config)
+    return None
+
+
+def build_model_config(config, device_target=None):
+    """The validated model config from `model.model_config` (with `recompute_config` folded in), checked
+    against the device when one is given. tools/plan.py calls this too, so it plans exactly what trains."""
+    from mindpretrain import registry
+
+    model_config_section = dict((config.get("model") or {}).get("model_config") or {})
+    require("type" in model_config_section, "model.model_config.type", None, "must name a registered config class")
+    recompute = (config.get("recompute_config") or {})
+    if "recompute" not in model_config_section and recompute:
+        if recompute.get("recompute"):
+            model_config_section["recompute"] = recompute["recompute"]
+        elif recompute.get("select_recompute"):
+            model_config_section["recompute"] = "selective"
+    model_config = registry.build("config", model_config_section)
+    check = getattr(model_config, "check_device", None)
+    if device_target is not None and check is not None:
+        check(device_target)
+    return model_config
+
+
+def build_model(config, device_target):
+    """Model config and model from `model.model_config` / `model.arch` through the registry."""
+    from mindpretrain import registry
+
+    arch = dict((config.get("model") or {}).get("arch") or {})
+    require("type" in arch, "model.arch.type", None, "must name a registered model class")
+    model_config = build_model_config(config, device_target)
+    model = registry.get("model", arch["type"])(model_config)
+    return model_config, model
+
+
+def parallel_config_of(config):
+    """The run's ParallelConfig (None when the PARALLEL module is unavailable)."""
+    try:
+        from mindpretrain.parallel.parallel_config import ParallelConfig
+    except ImportError:
+        return None
+    return ParallelConfig.from_run_config(config)

@@ -1,0 +1,210 @@
+"""scripts/msrun_launcher.sh argument forms, run_mindformer.py's config resolution end to end, the
+parallel-mode decision (pure) and the LR schedules."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_ROOT, random_documents, write_dataset
+
+if str(PROJECT_ROOT) not in sys.path:  # run_mindformer.py lives at the repo root
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from mindpretrain.config import ConfigError
+from mindpretrain.training import launch
+from mindpretrain.training.lr_schedule import ConstantWarmUpLR, CosineWithWarmUpLR, LinearWithWarmUpLR
+
+LAUNCHER = PROJECT_ROOT / "scripts" / "msrun_launcher.sh"
+
+
+def dry_run(*args):
+    env = dict(os.environ, MSRUN_LAUNCHER_DRY_RUN="1")
+    result = subprocess.run(["bash", str(LAUNCHER), *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    return result.returncode, result.stdout, result.stderr
+
+
+def command_line(stdout):
+    line = stdout.splitlines()[0]
+    assert line.startswith("msrun_launcher.sh: ")
+    return line[len("msrun_launcher.sh: "):].split()
+
+
+def test_single_argument_uses_mindformers_defaults():
+    code, out, _ = dry_run("run_mindformer.py --config x.yaml")
+    assert code == 0
+    words = command_line(out)
+    assert words[0].endswith("msrun")
+    assert words[1:] == ["--worker_num=8", "--local_worker_num=8", "--master_addr=127.0.0.1", "--master_port=8118",
+                         "--node_rank=0", "--log_dir=output/msrun_log", "--join=False", "--cluster_time_out=7200",
+                         "run_mindformer.py", "--config", "x.yaml"]
+    assert "output/msrun_log/worker_<rank>.log" in out
+
+
+def test_short_form_sets_worker_count_on_one_node():
+    code, out, _ = dry_run("run_mindformer.py --config x.yaml", "2")
+    assert code == 0
+    words = command_line(out)
+    assert "--worker_num=2" in words and "--local_worker_num=2" in words and "--node_rank=0" in words
+
+
+def test_full_multi_node_form():
+    code, out, _ = dry_run("run_mindformer.py --use_parallel True", "16", "8", "192.168.1.10", "9123", "1",
+                           "logs/run1", "True", "300")
+    assert code == 0
+    assert command_line(out)[1:10] == ["--worker_num=16", "--local_worker_num=8", "--master_addr=192.168.1.10",
+                                       "--master_port=9123", "--node_rank=1", "--log_dir=logs/run1", "--join=True",
+                                       "--cluster_time_out=300", "run_mindformer.py"]
+
+
+def test_dry_run_flag_form():
+    result = subprocess.run(["bash", str(LAUNCHER), "--dry-run", "run_mindformer.py", "4"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--worker_num=4" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "expected"),
+    (("run_mindformer.py", "0"), "WORKER_NUM (0) must be a positive integer"),
+    (("run_mindformer.py", "2", "4"), "LOCAL_WORKER (4) must not exceed WORKER_NUM (2)"),
+    (("run_mindformer.py", "8", "8", "127.0.0.1", "80"), "MASTER_PORT (80) must be an integer in [1024, 65535]"),
+    (("run_mindformer.py", "16", "8", "127.0.0.1", "8118", "2"), "NODE_RANK (2) must be below the node count"),
+    (("run_mindformer.py", "8", "8", "127.0.0.1", "8118", "0", "log", "maybe"), "JOIN (maybe) must be True or False"),
+    (("run_mindformer.py", "8", "8", "127.0.0.1", "8118", "0", "log", "True", "soon"), "CLUSTER_TIME_OUT (soon)"),
+    (("no_such_script.py --config x",), "script no_such_script.py (first word of the command) does not exist"),
+    (("run_mindformer.py",) + ("1",) * 9, "got 10 arguments"),
+])
+def test_invalid_arguments_are_refused(args, message):
+    code, out, err = dry_run(*args)
+    assert code == 2 and message in err and out == ""
+
+
+# --- run_mindformer.py config resolution, end to end ---------------------------------------------------------
+
+def test_run_mindformer_inheritance_and_overrides_end_to_end(tmp_path):
+    """A child YAML inheriting the stand-in run, CLI flags and --key=value overrides reach the trained run."""
+    pytest.importorskip("mindspore")
+    import yaml
+
+    import run_mindformer
+    from mindpretrain.training import checkpoint as ckpt
+
+    prefix = write_dataset(tmp_path / "data", random_documents(3, 30, max_length=200, vocab=256, allow_empty=False))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({
+        "base_config": str(PROJECT_ROOT / "tests" / "standin_model" / "train.yaml"),
+        "runner_config": {"train_steps": 50, "batch_size": 1},
+        "model": {"model_config": {"vocab_size": 256, "hidden_size": 8}},
+    }))
+    argv = ["--config", str(child), "--register_path", str(PROJECT_ROOT / "tests" / "standin_model"),
+            "--output_dir", str(tmp_path / "out"), "--device_target", "CPU", "--context.mode=1",
+            f"--train_dataset.data_loader.config.data_path=[{prefix}]", "--runner_config.train_steps", "2",
+            "--lr_schedule.learning_rate=0.001"]
+    args, config = run_mindformer.resolve_config(argv)
+    assert config.runner_config.train_steps == 2 and config.runner_config.batch_size == 1  # CLI > child > base
+    assert config.runner_config.gradient_accumulation_steps == 1                            # from the base
+    assert config.context.device_target == "CPU" and config.output_dir == str(tmp_path / "out")
+    assert run_mindformer.main(argv) == 0
+    saved = ckpt.find_resumable(str(tmp_path / "out" / "checkpoint"))
+    assert saved.endswith("step_00000002")
+    stored = yaml.safe_load(open(os.path.join(saved, ckpt.CONFIG_FILE)))
+    assert stored["lr_schedule"]["learning_rate"] == 0.001 and stored["model"]["model_config"]["hidden_size"] == 8
+    with pytest.raises(SystemExit):
+        run_mindformer.resolve_config(["--config", str(child), "--runner_config.train_stepz=3"])
+
+
+# --- parallel mode decision ------------------------------------------------------------------------------------
+
+class FakeParallelConfig:
+    def __init__(self, dp=1, mp=1, pp=1, ep=1, optimizer_shard=False, micro_batch_num=1):
+        self.data_parallel, self.model_parallel, self.pipeline_stage = dp, mp, pp
+        self.micro_batch_num = micro_batch_num
+        self.expert_parallel, self.optimizer_shard = ep, optimizer_shard
+
+    @property
+    def device_num(self):
+        return self.data_parallel * self.model_parallel * self.pipeline_stage
+
+    def to_dict(self):
+        return vars(self)
+
+
+def test_single_process_is_stand_alone():
+    plan = launch.plan_parallel("CPU", False, 1, 0)
+    assert plan.mode == launch.STAND_ALONE and plan.data_parallel == 1
+
+
+def test_cpu_workers_form_a_data_parallel_group():
+    plan = launch.plan_parallel("CPU", True, 2, 1, FakeParallelConfig(dp=1))
+    assert plan.mode == launch.DATA_PARALLEL and (plan.data_parallel, plan.data_rank) == (2, 1)
+    assert plan.context["parallel_mode"] == "data_parallel" and not plan.full_batch
+
+
+def test_cpu_refuses_model_or_pipeline_parallel():
+    with pytest.raises(ConfigError, match="must be 1 on CPU"):
+        launch.plan_parallel("CPU", True, 4, 0, FakeParallelConfig(dp=2, mp=2))
+
+
+def test_ascend_switches_on_semi_auto_pipeline_and_optimizer_sharding():
+    pc = FakeParallelConfig(dp=4, mp=2, pp=2, ep=4, optimizer_shard=True, micro_batch_num=8)
+    plan = launch.plan_parallel("Ascend", True, 16, 5, pc)
+    assert plan.mode == launch.SEMI_AUTO_PARALLEL and plan.apply_shard_strategies and plan.full_batch
+    assert plan.context == {"parallel_mode": "semi_auto_parallel", "gradients_mean": False, "full_batch": True,
+                            "device_num": 16, "pipeline_stages": 2, "enable_parallel_optimizer": True,
+                            "enable_alltoall": True}
+    assert plan.data_parallel == 1  # MindSpore inserts the gradient reduction itself
+    assert plan.batch_size_factor == 4 * 8  # full batch: data_parallel x micro_batch_num samples per batch_size
+    with pytest.raises(ConfigError, match="16 devices, but 8 workers"):
+        launch.plan_parallel("Ascend", True, 8, 0, pc)
+
+
+def test_several_workers_without_use_parallel_is_an_error():
+    with pytest.raises(ConfigError, match="use_parallel"):
+        launch.plan_parallel("CPU", False, 2, 0)
+
+
+# --- LR schedules --------------------------------------------------------------------------------------------
+
+def test_constant_warmup():
+    schedule = ConstantWarmUpLR(learning_rate=1.0, warmup_steps=4)
+    assert [schedule(step) for step in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_cosine_with_warmup_reaches_lr_end():
+    schedule = CosineWithWarmUpLR(learning_rate=1.0, lr_end=0.1, warmup_ratio=0.1, total_steps=100)
+    assert schedule.warmup_steps == 10 and schedule(5) == 0.5 and schedule(10) == 1.0
+    assert schedule(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(100) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+
+
+def test_linear_with_warmup():
+    schedule = LinearWithWarmUpLR(learning_rate=2.0, warmup_steps=2, total_steps=6)
+    assert [schedule(step) for step in range(7)] == [0.0, 1.0, 2.0, 1.5, 1.0, 0.5, 0.0]
+
+
+def test_schedule_refuses_unknown_keys():
+    with pytest.raises(ConfigError, match="unknown keys"):
+        ConstantWarmUpLR(learning_rate=1.0, warmup_step=3)
+
+
+@pytest.mark.parametrize("name, devices", [("pretrain_deepseek3_1b.yaml", 8), ("pretrain_deepseek3_671b.yaml", 1024)])
+def test_ascend_yamls_resolve_to_a_semi_auto_plan(name, devices):
+    """The shipped Ascend YAMLs load, their training sections validate and their layout plans (on paper)."""
+    from mindpretrain.config import load_config
+    from mindpretrain.parallel.parallel_config import ParallelConfig
+    from mindpretrain.training.lr_schedule import build_lr_schedule
+    from mindpretrain.training.trainer import RunSettings
+
+    config = load_config(str(PROJECT_ROOT / "research" / "deepseek3" / "deepseek3_671b" / name))
+    settings = RunSettings.from_config(config)
+    assert settings.seq_length == 4096 and settings.save_steps and settings.max_grad_norm == 1.0
+    schedule = build_lr_schedule(config.lr_schedule, settings.train_steps)
+    assert schedule(0) == 0.0 and schedule(schedule.warmup_steps) == pytest.approx(2.2e-4)
+    pc = ParallelConfig.from_run_config(config)
+    plan = launch.plan_parallel("Ascend", True, devices, 0, pc)
+    assert plan.mode == launch.SEMI_AUTO_PARALLEL and plan.context["enable_parallel_optimizer"] is True
+    assert plan.context["pipeline_stages"] == pc.pipeline_stage
+
+
