@@ -5,7 +5,8 @@ file that names them). Parents are resolved depth-first, merged in the order lis
 itself is merged last, so the most specific setting wins. Dicts merge key by key; any other value
 (lists included) is replaced whole.
 
-Overrides from the command line (`--model.model_config.num_layers=4`) are applied after loading.
+Overrides from the command line (`--model.model_config.num_layers=4`, `--callbacks.1.save_checkpoint_steps=50`
+for a list item) are applied after loading.
 They must name a key that exists, so a typo fails loudly instead of training the wrong model;
 `--+key.sub=value` adds a key on purpose. Values are parsed as YAML scalars (`4`, `1.e-4`, `True`,
 `[1, 2]`, `null`).
@@ -152,17 +153,35 @@ def apply_override(config, override):
     parts = dotted.split(".")
     node = config
     for depth, part in enumerate(parts[:-1]):
-        if part not in node:
-            if not add:
-                raise ConfigError(_unknown_key(dotted, ".".join(parts[:depth + 1]), node))
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
+        node = _child(node, part, dotted, ".".join(parts[:depth + 1]), add)
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {dotted}: {'.'.join(parts[:depth + 1])} is a value "
                               f"({node!r}), not a section")
-    if parts[-1] not in node and not add:
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, dotted)] = value
+        return
+    if last not in node and not add:
         raise ConfigError(_unknown_key(dotted, dotted, node))
-    node[parts[-1]] = value
+    node[last] = value
+
+
+def _child(node, part, dotted, path, add):
+    """Step into `node[part]`: a dict key, or a list position (`callbacks.1.save_checkpoint_steps`)."""
+    if isinstance(node, list):
+        return node[_list_index(node, part, dotted)]
+    if part not in node:
+        if not add:
+            raise ConfigError(_unknown_key(dotted, path, node))
+        node[part] = {}
+    return node[part]
+
+
+def _list_index(node, part, dotted):
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override {dotted}: {part!r} is not a position in a list of {len(node)} items "
+                          f"(use 0 to {len(node) - 1})")
+    return int(part)
 
 
 def _unknown_key(dotted, missing, node):

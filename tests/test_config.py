@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from mindpretrain.config import ConfigError, load_config, parse_override_args, require
+from mindpretrain.config import ConfigError, apply_override, load_config, parse_override_args, require
 
 
 def write(path, text):
@@ -63,6 +63,17 @@ def test_override_of_unknown_key_names_it_and_suggests(tree):
         load_config(str(tree), ["model.model_config.num_layer=4"])
     with pytest.raises(ConfigError, match=r"seed is a value"):
         load_config(str(tree), ["seed.x=4"])
+
+
+def test_override_reaches_list_items():
+    config = {"callbacks": [{"type": "A"}, {"type": "B", "steps": 20}], "betas": [0.9, 0.95]}
+    apply_override(config, "callbacks.1.steps=50")
+    apply_override(config, "betas.-1=0.99")
+    assert config == {"callbacks": [{"type": "A"}, {"type": "B", "steps": 50}], "betas": [0.9, 0.99]}
+    with pytest.raises(ConfigError, match=r"'2' is not a position in a list of 2 items \(use 0 to 1\)"):
+        apply_override(config, "callbacks.2.steps=1")
+    with pytest.raises(ConfigError, match="'x' is not a position"):
+        apply_override(config, "betas.x=1")
 
 
 def test_bad_override_arguments():
