@@ -9,6 +9,11 @@ from other processes hits all alike (the 1-minute load average is recorded). Out
 
     python benchmarks/bench_moe_dispatch.py                      # 8 experts top-2, hidden 256, 2048 tokens
     python benchmarks/bench_moe_dispatch.py --block-sizes 32 64 128 256 --steps 5
+    python benchmarks/bench_moe_dispatch.py --footprint-only     # static sizes only, no timing
+
+The grouped-matmul dispatch (``moe_dispatch: grouped_matmul``) needs Ascend's GroupedMatmul kernel and is not
+timed here (no CPU kernel); its static sizes are recorded next to the block-sparse ones (``footprints``), for the
+benchmark's shape and for 671B's (256 experts, top-8, 4096 tokens, no expert parallelism).
 """
 import argparse
 import json
@@ -27,7 +32,8 @@ import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
 from mindpretrain.utils.atomic_files import atomic_write  # noqa: E402
-from research.deepseek3.moe import DeepseekV3MoE, default_block_size, num_dispatch_blocks  # noqa: E402
+from research.deepseek3.moe import (DeepseekV3MoE, default_block_size, dispatch_footprint,  # noqa: E402
+                                    grouped_matmul_footprint, num_dispatch_blocks)
 
 RESULTS = os.path.join(HERE, "results", "moe_dispatch.json")
 
@@ -48,6 +54,8 @@ def parse_args():
     parser.add_argument("--torch-reference", action="store_true",
                         help="also time HF transformers' DeepseekV3MoE on PyTorch CPU (test-only dependency)")
     parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--footprint-only", action="store_true",
+                        help="print the static dispatch sizes (block-sparse vs grouped matmul) and exit")
     return parser.parse_args()
 
 
@@ -152,8 +160,24 @@ def torch_reference(cfg, state, hidden_np):
     return forward, forward_backward, out, torch.get_num_threads()
 
 
+def footprints(args):
+    """Rows computed and expert-weight elements materialised per MoE layer, block-sparse vs grouped matmul."""
+    shapes = {"benchmark": (args.batch * args.seq, args.top_k, args.experts, args.hidden, args.intermediate),
+              "deepseek_v3_671b_4096_tokens_no_expert_parallel": (4096, 8, 256, 7168, 2048)}
+    table = {}
+    for name, shape in shapes.items():
+        block, grouped = dispatch_footprint(*shape), grouped_matmul_footprint(*shape)
+        table[name] = dict(block_sparse=block, grouped_matmul=grouped,
+                           weight_copy_ratio_block_vs_grouped=block["weight_copy_elements"]
+                           / grouped["stacked_weight_elements"])
+    return table
+
+
 def main():
     args = parse_args()
+    if args.footprint_only:
+        print(json.dumps(footprints(args), indent=2))
+        return
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     ms.set_seed(0)
     cfg = types.SimpleNamespace(hidden_size=args.hidden, moe_intermediate_size=args.intermediate,
@@ -217,7 +241,7 @@ def main():
                   config=dict(experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                               moe_intermediate_size=args.intermediate, tokens=tokens, batch=args.batch,
                               seq=args.seq, steps=args.steps, n_shared_experts=args.shared_experts),
-                  results=rows)
+                  results=rows, footprints=footprints(args))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_write(args.output, "w") as handle:
         json.dump(report, handle, indent=2)

@@ -7,8 +7,11 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from research.deepseek3.moe import (DeepseekV3MoE, SwiGLUMLP, default_block_size, dispatch_footprint,
-                                    expert_bias_update, num_dispatch_blocks)
+from mindpretrain.config import ConfigError
+from research.deepseek3 import moe as moe_module
+from research.deepseek3.moe import (DeepseekV3MoE, SwiGLUMLP, default_block_size, default_moe_dispatch,
+                                    dispatch_footprint, expert_bias_update, expert_sorted_layout,
+                                    grouped_matmul_footprint, num_dispatch_blocks)
 from tests.conftest import require_reference
 
 HIDDEN, INTER, EXPERTS = 32, 16, 8
@@ -316,3 +319,189 @@ def test_parameters_follow_weight_mapping_with_the_project_config():
     out, load, balance = moe(Tensor(random_hidden(9)))
     assert out.shape == (BATCH, SEQ, HIDDEN) and float(load.asnumpy().sum()) == BATCH * SEQ * 2
     assert float(balance.asnumpy()) > 0                       # default seq_balance_loss_alpha 1e-4 is on
+
+
+# ----- grouped-matmul dispatch (Ascend kernel replaced by a reference on CPU) ----------------------------------------
+
+def loop_grouped_matmul(x, weight, group_list):
+    """Reference for Ascend's GroupedMatmul(split_item=3, group_type=0) as documented: group_list holds cumulative row
+    ends, rows [group_list[g-1], group_list[g]) are multiplied by weight[g]. A masked per-group loop of plain
+    matmuls, so it runs (and differentiates) on CPU in PyNative and GRAPH mode."""
+    rows = ops.arange(0, x.shape[0], dtype=ms.int64).reshape(-1, 1)
+    group_of_row = (rows >= group_list.reshape(1, -1)).astype(ms.int32).sum(1).reshape(-1, 1)
+    out = ops.zeros((x.shape[0], weight.shape[2]), x.dtype)
+    for group in range(weight.shape[0]):
+        out = out + ops.where(group_of_row == group, ops.matmul(x, weight[group]), ops.zeros_like(out))
+    return out
+
+
+def grouped_twin(moe, cfg):
+    """The same weights behind the grouped-matmul dispatch, with the reference kernel injected."""
+    twin = DeepseekV3MoE(cfg, dispatch="grouped_matmul", grouped_matmul=loop_grouped_matmul)
+    state = params_np(moe)
+    assert set(state) == {name for name, _ in twin.parameters_and_names()}      # names unchanged by the dispatch
+    for name, param in twin.parameters_and_names():
+        param.set_data(Tensor(state[name]))
+    return twin
+
+
+def test_reference_grouped_matmul_reproduces_the_kernel_docs_example():
+    """The worked example of mindspore.ops.grouped_matmul_v4's docstring (counts [1,2,1,2] = cumulative [1,3,4,6])."""
+    x = Tensor(np.repeat(np.array([0, 1, 2, 2, 1, 1], np.float32)[:, None], 4, axis=1))
+    weight = Tensor(np.arange(32, dtype=np.float32).reshape(4, 4, 2))
+    out = loop_grouped_matmul(x, weight, Tensor(np.array([1, 3, 4, 6], np.int64)))
+    np.testing.assert_array_equal(out.asnumpy(), [[0, 0], [44, 48], [88, 96], [152, 160], [108, 112], [108, 112]])
+
+
+def test_expert_sorted_layout_is_a_stable_sort_with_guard_rows():
+    tokens, top_k = 9, 2
+    rng = np.random.RandomState(11)
+    choice = np.stack([rng.choice([0, 1, 3, 4], top_k, replace=False) for _ in range(tokens)])  # experts 2, 5 idle
+    choice[:4, 0] = 4                                                                          # a popular expert
+    choice[:4, 1] = np.where(choice[:4, 1] == 4, 0, choice[:4, 1])
+    flat = choice.ravel()
+    selected = np.eye(6, dtype=np.int32)[flat]
+    counts = np.bincount(flat, minlength=6).astype(np.int32)
+    source, row_of, group_list = expert_sorted_layout(Tensor(selected), Tensor(counts), top_k)
+    source, row_of, group_list = source.asnumpy(), row_of.asnumpy(), group_list.asnumpy()
+
+    assert group_list.dtype == np.int64
+    np.testing.assert_array_equal(group_list, np.cumsum(counts + 1))          # cumulative, one guard row each
+    assert np.all(np.diff(group_list) > 0) and group_list[-1] == len(flat) + 6 == len(source)
+    start = 0
+    for expert, end in enumerate(group_list):
+        tokens_of_expert = [a // top_k for a in range(len(flat)) if flat[a] == expert]   # in token order
+        np.testing.assert_array_equal(source[start:end - 1], tokens_of_expert)
+        assert source[end - 1] == tokens                                       # guard row reads the zero row
+        start = end
+    np.testing.assert_array_equal(source[row_of], np.arange(len(flat)) // top_k)   # row_of inverts the permutation
+    assert len(set(row_of.tolist())) == len(flat)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},                                                                     # group routing, 1 shared expert
+    {"num_experts_per_tok": 3, "n_group": 2, "topk_group": 1, "norm_topk_prob": False},
+])
+def test_grouped_matmul_dispatch_matches_block_sparse_and_hf(overrides):
+    torch = require_reference("torch")
+    cfg = make_cfg(**overrides)
+    block_sparse = DeepseekV3MoE(cfg, block_size=4)
+    grouped = grouped_twin(block_sparse, cfg)
+    assert block_sparse.dispatch == "block_sparse" and grouped.dispatch == "grouped_matmul"
+    x = random_hidden(10)
+    out, load, _ = grouped(Tensor(x))
+    reference_out, reference_load, _ = block_sparse(Tensor(x))
+    expected = hf_twin(block_sparse, cfg)(torch.tensor(x)).detach().numpy()
+    assert np.abs(out.asnumpy() - expected).max() <= 1e-5
+    assert np.abs(out.asnumpy() - reference_out.asnumpy()).max() <= 1e-5
+    np.testing.assert_array_equal(load.asnumpy(), reference_load.asnumpy())
+
+
+def test_grouped_matmul_gradients_match_hf_and_skip_unselected_experts():
+    torch = require_reference("torch")
+    cfg = make_cfg()
+    block_sparse = DeepseekV3MoE(cfg, block_size=4)
+    bias = np.zeros(EXPERTS, np.float32)
+    bias[[2, EXPERTS - 1]] = -10.0                                          # idle experts: guard row only
+    set_bias(block_sparse, bias)
+    grouped = grouped_twin(block_sparse, cfg)
+    x = random_hidden(12)
+    cotangent = np.random.RandomState(13).randn(*x.shape).astype(np.float32)
+    ours = grads(grouped, x, Tensor(cotangent))
+    block_grads = grads(block_sparse, x, Tensor(cotangent))
+    load = grouped(Tensor(x))[1].asnumpy()
+    assert load[2] == 0 and load[-1] == 0
+
+    hf = hf_twin(block_sparse, cfg)
+    (hf(torch.tensor(x)) * torch.tensor(cotangent)).sum().backward()
+    np.testing.assert_allclose(ours["gate.weight"], hf.gate.weight.grad.numpy(), **GRAD_TOLERANCE)
+    for e in range(EXPERTS):
+        gate_up = hf.experts.gate_up_proj.grad[e].numpy()
+        np.testing.assert_allclose(ours[f"experts.{e}.gate_proj.weight"], gate_up[:INTER], **GRAD_TOLERANCE)
+        np.testing.assert_allclose(ours[f"experts.{e}.up_proj.weight"], gate_up[INTER:], **GRAD_TOLERANCE)
+        np.testing.assert_allclose(ours[f"experts.{e}.down_proj.weight"], hf.experts.down_proj.grad[e].numpy(),
+                                   **GRAD_TOLERANCE)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            grad = ours[f"experts.{e}.{proj}.weight"]
+            assert (np.abs(grad).max() > 0) == (load[e] > 0), (e, proj)   # exactly zero iff no token routed
+    for name, grad in block_grads.items():
+        np.testing.assert_allclose(ours[name], grad, **GRAD_TOLERANCE)
+
+
+def hf_grads_by_name(hf, cfg):
+    """HF's parameter gradients under our (HF checkpoint) parameter names."""
+    named = {"gate.weight": hf.gate.weight.grad.numpy()}
+    for e in range(cfg.n_routed_experts):
+        gate_up = hf.experts.gate_up_proj.grad[e].numpy()
+        named[f"experts.{e}.gate_proj.weight"] = gate_up[:cfg.moe_intermediate_size]
+        named[f"experts.{e}.up_proj.weight"] = gate_up[cfg.moe_intermediate_size:]
+        named[f"experts.{e}.down_proj.weight"] = hf.experts.down_proj.grad[e].numpy()
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        named[f"shared_experts.{proj}.weight"] = getattr(hf.shared_experts, proj).weight.grad.numpy()
+    return named
+
+
+def test_grouped_matmul_dispatch_in_graph_mode_equals_pynative_and_hf():
+    """Compiled forward + backward (the trainer's GradOperation-in-a-Cell shape) of the grouped path."""
+    torch = require_reference("torch")
+    cfg = make_cfg()
+    grouped = grouped_twin(DeepseekV3MoE(cfg), cfg)
+    x = random_hidden(14)
+    eager_out = grouped(Tensor(x))[0].asnumpy()
+    eager_grads = [g.asnumpy() for g in _MoEGrad(grouped)(Tensor(x))]
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        graph_out = grouped(Tensor(x))[0].asnumpy()
+        graph_grads = [g.asnumpy() for g in _MoEGrad(grouped)(Tensor(x))]
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    hf = hf_twin(grouped, cfg)
+    hf_out = hf(torch.tensor(x))
+    (hf_out * hf_out).sum().backward()                                     # _MoEGrad's loss (balance loss off)
+    assert np.abs(graph_out - hf_out.detach().numpy()).max() <= 1e-5
+    np.testing.assert_allclose(graph_out, eager_out, atol=1e-5)
+    expected = hf_grads_by_name(hf, cfg)
+    names = [name for name, w in grouped.parameters_and_names() if w.requires_grad]   # trainable_params order
+    assert len(graph_grads) == len(eager_grads) == len(names) == len(expected)
+    for name, graph_grad, eager_grad in zip(names, graph_grads, eager_grads):
+        np.testing.assert_allclose(graph_grad, eager_grad, **GRAD_TOLERANCE, err_msg=name)
+        np.testing.assert_allclose(graph_grad, expected[name], rtol=1e-5, atol=1e-4,  # loss sum(out^2): larger grads
+                                   err_msg=name)
+
+
+def test_dispatch_is_chosen_by_config_and_device():
+    assert default_moe_dispatch("Ascend") == "grouped_matmul"
+    assert default_moe_dispatch("CPU") == "block_sparse"
+    assert ms.get_context("device_target") == "CPU"
+    assert DeepseekV3MoE(make_cfg()).dispatch == "block_sparse"              # no moe_dispatch key: by device
+    assert DeepseekV3MoE(make_cfg(moe_dispatch=None)).dispatch == "block_sparse"
+    with pytest.raises(ConfigError, match="moe_dispatch"):                   # the kernel does not exist on CPU
+        DeepseekV3MoE(make_cfg(moe_dispatch="grouped_matmul"))
+    with pytest.raises(ConfigError, match="moe_dispatch"):
+        DeepseekV3MoE(make_cfg(moe_dispatch="dense"))
+    injected = DeepseekV3MoE(make_cfg(moe_dispatch="grouped_matmul"), grouped_matmul=loop_grouped_matmul)
+    assert injected.dispatch == "grouped_matmul" and injected.grouped_matmul is loop_grouped_matmul
+    kernel = moe_module._ASCEND_GROUPED_MATMUL                               # single-tensor x/w/y, M-axis groups
+    assert (kernel.name, kernel.split_item, kernel.group_type, kernel.transpose_a, kernel.transpose_b) == (
+        "GroupedMatmul", 3, 0, False, False)
+
+
+def test_grouped_matmul_footprint_at_671b_scale():
+    """Per MoE layer without expert parallelism: the stacked weights are one copy of the layer's experts (5x less
+    than the block-sparse per-block copies at E=256, K=8, 4096 tokens), and only E guard rows are added."""
+    tokens, top_k, experts, hidden, inter = 4096, 8, 256, 7168, 2048
+    grouped = grouped_matmul_footprint(tokens, top_k, experts, hidden, inter)
+    blocks = dispatch_footprint(tokens, top_k, experts, hidden, inter)
+    assert grouped["stacked_weight_elements"] == 3 * experts * hidden * inter == 11_274_289_152
+    assert grouped["expert_rows"] == tokens * top_k + experts < blocks["expert_rows"]
+    assert blocks["weight_copy_elements"] / grouped["stacked_weight_elements"] == blocks["blocks"] / experts > 4.9
+
+
+def test_dispatch_is_validated_with_the_config():
+    from mindpretrain.config import ConfigError
+    from research.deepseek3.deepseek3_config import DeepseekV3Config
+
+    assert DeepseekV3Config(moe_dispatch="block_sparse").moe_dispatch == "block_sparse"
+    assert "moe_dispatch" not in DeepseekV3Config().to_hf_dict()
+    with pytest.raises(ConfigError, match=r"moe_dispatch \('dense'\) must be one of 'block_sparse', 'grouped_matmul'"):
+        DeepseekV3Config(moe_dispatch="dense")

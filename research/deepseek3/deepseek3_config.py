@@ -71,13 +71,15 @@ _DEFAULTS = {
     "seq_balance_loss_alpha": 0.0001,
     "recompute": False,
     "moe_dispatch_block_size": None,
+    # None: the device's default (grouped_matmul on Ascend, block_sparse elsewhere); see moe.py
+    "moe_dispatch": None,
     "offset": 0,  # pipeline layer offset (MindFormers `offset`), read by the parallel layout
 }
 
 HF_FIELDS = tuple(name for name in _DEFAULTS if name not in (
     "seq_length", "compute_dtype", "param_init_type", "layernorm_compute_type", "softmax_compute_type",
     "mtp_loss_factor", "topk_bias_update_rate", "seq_balance_loss_alpha", "recompute",
-    "moe_dispatch_block_size", "offset"))
+    "moe_dispatch_block_size", "moe_dispatch", "offset"))
 
 # The one table of alternative names: (where it is found, canonical name). `moe_config.x` means the key x inside
 # a nested `moe_config` mapping (MindFormers keeps MoE settings there).
@@ -123,6 +125,8 @@ _IGNORED_MOE = frozenset((
     "use_fused_ops_permute", "enable_gmm_safe_tokens", "enable_sdrop", "group_wise_a2a", "z_loss_factor",
     "num_experts_chosen_per_group", "enable_deredundency", "npu_nums_per_device", "use_allgather_dispatcher",
 ))
+# How routed tokens reach their experts (research/deepseek3/moe.py explains both).
+MOE_DISPATCHES = ("block_sparse", "grouped_matmul")
 # Values of HF config.json keys this implementation relies on; anything else is a different model.
 _REQUIRED_HF_VALUES = {"scoring_func": ("sigmoid",), "topk_method": ("noaux_tc",), "moe_layer_freq": (1,)}
 
@@ -320,6 +324,8 @@ class DeepseekV3Config:
         for name in ("compute_dtype", "param_init_type", "layernorm_compute_type", "softmax_compute_type"):
             setattr(self, name, _normalise_dtype(name, getattr(self, name)))
         self.recompute = _normalise_recompute(self.recompute, self.num_hidden_layers + self.num_nextn_predict_layers)
+        require(self.moe_dispatch is None or self.moe_dispatch in MOE_DISPATCHES, "moe_dispatch", self.moe_dispatch,
+                f"must be one of {', '.join(map(repr, MOE_DISPATCHES))} (None picks the device's default)")
         offset = self.offset
         require(isinstance(offset, int) or (isinstance(offset, (list, tuple)) and all(isinstance(item, int)
                 for item in offset)), "offset", offset, "must be an integer or a list of integers (per stage)")

@@ -1,4 +1,4 @@
-"""DeepSeekMoE block: sigmoid router with aux-loss-free bias, group-limited top-k, block-sparse dropless dispatch.
+"""DeepSeekMoE block: sigmoid router with aux-loss-free bias, group-limited top-k, two dropless dispatches.
 
 Semantics follow the DeepSeek-V3 report (arXiv 2412.19437, section 2.1.2) and HF `DeepseekV3MoE`:
 
@@ -27,9 +27,8 @@ exactly one expert. Compute is one batched matmul over blocks with the block's e
 * Memory: the selected expert weights are copied once per block (``blocks * 3*I*H`` elements, kept for backward),
   ``dispatch_footprint()`` gives the static sizes. Fine for the CPU/test and 1B configs (8-16 experts); at 671B
   scale without expert parallelism (E=256, K=8, 4096 tokens: b=32, 1272 blocks) the copies would be 56 G elements
-  (>100 GB in bf16) - there a grouped matmul over the
-  same expert-sorted layout (block 1: no padding, no copies; Ascend's GroupedMatmul, which returns nothing on CPU
-  in MindSpore 2.10) is the right kernel.
+  (>100 GB in bf16) - there the ``grouped_matmul`` dispatch (below: the same expert-sorted layout without blocks,
+  Ascend's GroupedMatmul, one weight copy per expert instead of per block) is the right kernel.
 * Block size: a power of two near ``N*K / (4E)`` clamped to [8, 128] (padding bound <= ~25% of the real rows,
   few weight copies); ``block_size=`` or ``cfg.moe_dispatch_block_size`` override it. Cost model: time ~
   rows + lambda * blocks, optimum ``b ~ sqrt(lambda * N*K / E)``; measured best b=128 at N*K/E=512.
@@ -40,6 +39,43 @@ exactly one expert. Compute is one batched matmul over blocks with the block's e
   2.3-2.7x forward+backward for blocks 64-256, and HF transformers' per-expert loop on PyTorch CPU took ~3x
   the dense time (results JSON). Compile time is about that of dense (~2-5 s for forward+backward of the block
   alone, more under load).
+
+Which dispatch runs where (``moe_dispatch``)
+--------------------------------------------
+``cfg.moe_dispatch`` (read with ``getattr``; absent or None = by device, `default_moe_dispatch`) or the
+``dispatch=`` argument selects the routed compute:
+
+* ``"block_sparse"`` (default on CPU/GPU): the block layout above, BatchMatMul over gathered weights; runs on every
+  backend, measured and tested here.
+* ``"grouped_matmul"`` (default when ``device_target`` is Ascend): tokens permuted (stably sorted) by expert with
+  no block padding, three calls of Ascend's grouped matmul (`ascend_grouped_matmul`: ``GroupedMatmul(split_item=3,
+  group_type=0)`` from ``mindspore.ops.auto_generate``, x [M, H] with rows grouped by expert, weight [E, in, out],
+  ``group_list`` int64 [E] = cumulative row ends), then unpermute-and-weight. **This path has never run on Ascend
+  hardware**: MindSpore 2.10's CPU backend returns an empty tuple for GroupedMatmul, so selecting it on CPU without
+  an injected kernel is a ConfigError. Everything around the kernel is plain MindSpore ops and is tested on CPU
+  (PyNative and GRAPH, forward and gradients, against the block-sparse path and HF) with a reference grouped
+  matmul injected through ``DeepseekV3MoE(cfg, grouped_matmul=fn)``; the reference reproduces the worked example
+  of the kernel's documentation.
+
+Grouped-matmul layout and cost: each expert's segment holds its tokens in token order plus one zero *guard row*,
+so ``group_list = cumsum(counts + 1)`` is strictly increasing and no group is empty (see `expert_sorted_layout`);
+rows = N*K + E. The kernel wants weights as one [E, in, out] tensor while the checkpoint has one [out, in]
+Parameter per expert (``experts.{e}.gate_proj.weight`` ...): they are stacked and transposed at runtime, i.e.
+one compute-dtype copy of the layer's expert weights per projection, kept for backward
+(`grouped_matmul_footprint`). At 671B scale without expert parallelism that copy is 3*E*H*I = 11.3 G elements
+(22.5 GB in bf16) per MoE layer, held from its forward to its backward - 5x less than the block-sparse per-block
+copies (56 G), but over the 58 MoE layers (or a pipeline stage's share) far beyond a 64 GB device; the layer's
+expert *parameters* alone are the same 11.3 G elements (45 GB in fp32), so 671B needs
+expert parallelism (AlltoAll token exchange, E/ep experts per rank, e.g. ep=64: 4 experts, 0.35 GB of stacked bf16
+weights per layer) whatever the kernel. Expert parallelism is out of scope of this module: every rank computes
+all experts. With mixed precision the stack replaces the fp32 -> bf16 cast copy every layer makes anyway (whether
+the compiler fuses cast + stack + transpose into one buffer is unmeasured). If that copy matters, the better scheme
+is one stacked Parameter per projection in the kernel's layout (MindFormers' w1/w2/w3), split into/joined from the
+per-expert HF names by the weight mapping at load/save; not done because parameter names are the project's
+contract. ``GroupedMatmul(transpose_b=True)`` would skip the transpose, but the docs' note on which calls have a
+backward does not mention the transpose flags and MindFormers calls the untransposed form, so that form is used.
+The 2.10 docs of GroupedMatmul list float16/float32 inputs only (GroupedMatmulV4 and ``gmm`` list bfloat16 too, and
+MindFormers runs GroupedMatmul in bfloat16): bfloat16 compute on this path is, like the rest of it, unverified.
 
 Positions within an expert segment come from an exclusive cumulative sum over the one-hot assignment matrix
 (``[N*K, E]``), not from a sort, so the layout is deterministic and needs no sort kernel.
@@ -52,8 +88,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
+from mindspore.ops.auto_generate import GroupedMatmul
 
 from mindpretrain.config import require
+from research.deepseek3.deepseek3_config import MOE_DISPATCHES
 
 _DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 
@@ -167,16 +205,94 @@ def dispatch_footprint(tokens, top_k, num_experts, hidden_size, intermediate_siz
                 dense_rows=tokens * num_experts, weight_copy_elements=blocks * 3 * hidden_size * intermediate_size)
 
 
-class DeepseekV3MoE(nn.Cell):
-    """Routed + shared experts. ``construct(hidden [B,S,H]) -> (out [B,S,H], load fp32 [E], balance_loss)``."""
+# Ascend's grouped matmul over one expert-sorted token tensor: split_item=3 (x, weight and y are single tensors),
+# group_type=0 (groups split the M axis of x), no bias/quant inputs, no transposes: the form whose backward the
+# MindSpore 2.10 docs promise (ops/auto_generate/gen_ops_def.py, grouped_matmul) and the one MindFormers uses.
+_ASCEND_GROUPED_MATMUL = GroupedMatmul(split_item=3, group_type=0)
 
-    def __init__(self, cfg, block_size=None):
+
+def default_moe_dispatch(device_target=None):
+    """``grouped_matmul`` on Ascend (its kernel exists there only), ``block_sparse`` elsewhere (CPU, tests)."""
+    device = str(device_target or ms.get_context("device_target")).upper()
+    return "grouped_matmul" if device == "ASCEND" else "block_sparse"
+
+
+def ascend_grouped_matmul(x, weight, group_list):
+    """``y[rows of group g] = x[rows of group g] @ weight[g]`` by Ascend's GroupedMatmul kernel.
+
+    x [M, K] with rows sorted by group, weight [G, K, N], group_list int64 [G] = *cumulative* row ends (the last
+    equals M) -> y [M, N]. The one place the kernel is called; on CPU MindSpore 2.10 returns an empty tuple for it,
+    so CPU runs (and tests) pass a reference function with this signature instead.
+    """
+    return _ASCEND_GROUPED_MATMUL([x], [weight], None, None, None, None, None, group_list)[0]
+
+
+def _segment_rows(selected, segment_start):
+    """Row of each assignment when expert e's rows start at ``segment_start[e]`` and assignments keep token order
+    within an expert: start + exclusive rank among e's assignments (a cumsum over the one-hot, no sort)."""
+    rank = ops.cumsum(selected, 0) - selected                                # [N*K, E]
+    return ((rank + segment_start.reshape(1, -1)) * selected).sum(1)         # [N*K]
+
+
+def _source_tokens(row_of, rows, tokens, top_k):
+    """Inverse of ``row_of``: the token each row reads (``tokens`` = the appended zero row, for padding)."""
+    source = ops.full((rows,), tokens, dtype=ms.int32)
+    assignment_token = ops.arange(0, row_of.shape[0], dtype=ms.int32) // top_k
+    return ops.stop_gradient(ops.tensor_scatter_elements(source, row_of, assignment_token, axis=0))
+
+
+def expert_sorted_layout(selected, counts, top_k):
+    """Token permutation for the grouped matmul: assignments sorted by expert, token order kept inside an expert.
+
+    selected int32 [N*K, E] one-hot of each (token, k) assignment, counts int32 [E] -> (source int32 [N*K+E]: token
+    index each sorted row reads, N meaning a zero row; row_of int32 [N*K]: sorted row of each assignment, the inverse
+    permutation used to unpermute; group_list int64 [E]: cumulative row ends, the form GroupedMatmul takes).
+
+    Every expert segment ends with one zero *guard row* (so it holds ``counts[e] + 1`` rows): group_list is then
+    strictly increasing and no group is empty, which satisfies the strictest reading of the kernel's constraints
+    (GroupedMatmulV4's docs ask for positive, increasing cumulative entries; MindFormers pads experts that got no
+    token for the same reason, ``enable_gmm_safe_tokens``). Cost: E extra rows of N*K+E, zeros in, ignored out, and
+    an expert with no token still gets an exactly zero weight gradient.
+    """
+    assignments, num_experts = selected.shape
+    sizes = counts + 1
+    group_end = ops.cumsum(sizes, 0)
+    row_of = _segment_rows(selected, group_end - sizes)
+    source = _source_tokens(row_of, assignments + num_experts, assignments // top_k, top_k)
+    return source, ops.stop_gradient(row_of), ops.stop_gradient(ops.cast(group_end, ms.int64))
+
+
+def grouped_matmul_footprint(tokens, top_k, num_experts, hidden_size, intermediate_size):
+    """Static sizes of the grouped-matmul dispatch (compare `dispatch_footprint`): rows fed to the kernel and the
+    elements of the stacked [E, in, out] expert weights it materialises per MoE layer (kept for backward)."""
+    return dict(expert_rows=tokens * top_k + num_experts, routed_rows=tokens * top_k, dense_rows=tokens * num_experts,
+                stacked_weight_elements=3 * num_experts * hidden_size * intermediate_size)
+
+
+class DeepseekV3MoE(nn.Cell):
+    """Routed + shared experts. ``construct(hidden [B,S,H]) -> (out [B,S,H], load fp32 [E], balance_loss)``.
+
+    ``dispatch`` (or ``cfg.moe_dispatch``; None = `default_moe_dispatch` for the current device) picks the routed
+    compute: ``"block_sparse"`` or ``"grouped_matmul"``. ``grouped_matmul`` is the kernel function of the grouped
+    path (default `ascend_grouped_matmul`; CPU tests pass a reference with the same signature).
+    """
+
+    def __init__(self, cfg, block_size=None, dispatch=None, grouped_matmul=None):
         super().__init__()
         self.num_experts = cfg.n_routed_experts
         self.top_k = cfg.num_experts_per_tok
         self.hidden_size = cfg.hidden_size
         self.compute_dtype = _dtype(cfg, "compute_dtype")
         self.block_size = block_size or getattr(cfg, "moe_dispatch_block_size", None)
+        self.dispatch = dispatch or getattr(cfg, "moe_dispatch", None) or default_moe_dispatch()
+        require(self.dispatch in MOE_DISPATCHES, "moe_dispatch", self.dispatch, f"must be one of {MOE_DISPATCHES}")
+        if self.dispatch == "grouped_matmul" and grouped_matmul is None:
+            device = ms.get_context("device_target")
+            require(str(device).upper() == "ASCEND", "moe_dispatch", self.dispatch,
+                    f"needs Ascend's GroupedMatmul kernel, which MindSpore does not implement on device_target "
+                    f"{device}: use block_sparse there")
+            grouped_matmul = ascend_grouped_matmul
+        self.grouped_matmul = grouped_matmul
         self.balance_alpha = float(getattr(cfg, "seq_balance_loss_alpha", 0.0) or 0.0)
         self.gate = TopkRouter(cfg)
         self.experts = nn.CellList([SwiGLUMLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg)
@@ -217,6 +333,34 @@ class DeepseekV3MoE(nn.Cell):
         return out, load, balance_loss
 
     def _dispatch_compute_combine(self, x, selected, counts, topk_weight):
+        if self.dispatch == "grouped_matmul":
+            return self._grouped_compute_combine(x, selected, counts, topk_weight)
+        return self._block_compute_combine(x, selected, counts, topk_weight)
+
+    def _grouped_compute_combine(self, x, selected, counts, topk_weight):
+        """Permute tokens by expert, three grouped matmuls over [E, in, out] weights, unpermute and weight."""
+        source, row_of, group_list = expert_sorted_layout(selected, counts, self.top_k)
+        x_sorted = ops.gather(self._with_zero_row(x), source, 0)                # [N*K+E, H]
+        gate = self.grouped_matmul(x_sorted, self._stacked_in_out("gate_proj"), group_list)
+        up = self.grouped_matmul(x_sorted, self._stacked_in_out("up_proj"), group_list)
+        y_sorted = self.grouped_matmul(ops.silu(gate) * up, self._stacked_in_out("down_proj"), group_list)
+        return self._combine(y_sorted, row_of, topk_weight)
+
+    def _stacked_in_out(self, which):
+        """[E, in, out] (the kernel's x @ W layout) from the per-expert [out, in] Parameters: a runtime copy."""
+        return ops.transpose(self._stacked(which), (0, 2, 1))
+
+    def _with_zero_row(self, x):
+        return ops.concat([ops.cast(x, self.compute_dtype), ops.zeros((1, x.shape[1]), self.compute_dtype)], axis=0)
+
+    def _combine(self, y_rows, row_of, topk_weight):
+        """Unpermute: each token sums its K rows, weighted by the router's (unbiased, scaled) weights."""
+        tokens = topk_weight.shape[0]
+        y_assign = ops.gather(y_rows, row_of, 0).reshape(tokens, self.top_k, y_rows.shape[1])
+        weight = ops.cast(topk_weight, self.compute_dtype).reshape(tokens, self.top_k, 1)
+        return (y_assign * weight).sum(1)
+
+    def _block_compute_combine(self, x, selected, counts, topk_weight):
         tokens = x.shape[0]
         assignments = tokens * self.top_k
         block = self.block_size or default_block_size(assignments, self.num_experts)
@@ -226,34 +370,22 @@ class DeepseekV3MoE(nn.Cell):
         # Layout: expert e's rows start at padded_start[e]; an assignment's row = start + rank among e's assignments.
         padded = (counts + (block - 1)) // block * block                         # [E]
         padded_end = ops.cumsum(padded, 0)
-        padded_start = padded_end - padded
-        rank = ops.cumsum(selected, 0) - selected                                # exclusive rank, [N*K, E]
-        row_of = ((rank + padded_start.reshape(1, -1)) * selected).sum(1)        # [N*K]
-
-        # Inverse map row -> source token (tokens index `tokens` = an appended zero row for padding).
-        source = ops.full((rows,), tokens, dtype=ms.int32)
-        assignment_token = ops.arange(0, assignments, dtype=ms.int32) // self.top_k
-        source = ops.tensor_scatter_elements(source, row_of, assignment_token, axis=0)
-        source = ops.stop_gradient(source)
+        row_of = _segment_rows(selected, padded_end - padded)                    # [N*K]
+        source = _source_tokens(row_of, rows, tokens, self.top_k)                # row -> token (tokens = zero row)
 
         # Block b belongs to the expert whose padded segment covers row b*block (tail blocks: last expert, zeros).
         block_first_row = ops.arange(0, blocks, dtype=ms.int32).reshape(-1, 1) * block
         block_expert = (block_first_row >= padded_end.reshape(1, -1)).astype(ms.int32).sum(1)
         block_expert = ops.stop_gradient(ops.minimum(block_expert, self.num_experts - 1))
 
-        x_padded = ops.concat([ops.cast(x, self.compute_dtype),
-                               ops.zeros((1, x.shape[1]), self.compute_dtype)], axis=0)
-        x_blocks = ops.gather(x_padded, source, 0).reshape(blocks, block, x.shape[1])
+        x_blocks = ops.gather(self._with_zero_row(x), source, 0).reshape(blocks, block, x.shape[1])
 
         gate_w = ops.gather(self._stacked("gate_proj"), block_expert, 0)       # [blocks, I, H]
         up_w = ops.gather(self._stacked("up_proj"), block_expert, 0)
         down_w = ops.gather(self._stacked("down_proj"), block_expert, 0)       # [blocks, H, I]
         h = ops.silu(self.batch_matmul_nt(x_blocks, gate_w)) * self.batch_matmul_nt(x_blocks, up_w)
         y_rows = self.batch_matmul_nt(h, down_w).reshape(rows, x.shape[1])
-
-        y_assign = ops.gather(y_rows, row_of, 0).reshape(tokens, self.top_k, x.shape[1])
-        weight = ops.cast(topk_weight, self.compute_dtype).reshape(tokens, self.top_k, 1)
-        return (y_assign * weight).sum(1)
+        return self._combine(y_rows, row_of, topk_weight)
 
     def _sequence_balance_loss(self, scores, selected):
         """alpha * mean_b sum_i f_i P_i with f_i = E/(K T) * #tokens choosing i, P_i = mean_t s_i / sum_j s_j."""
