@@ -8,10 +8,9 @@ writes data/corpus_text_document.bin/.idx and data/corpus_title_document.bin/.id
 the input. Each line is one JSON object, one document per key; blank lines are skipped.
 """
 import argparse
-import os
 import sys
 
-from mindpretrain.data.preprocess import USER_ERRORS, PreprocessError, preprocess, read_jsonl_documents
+from mindpretrain.data.preprocess import preprocess, read_jsonl_documents, run_cli
 from mindpretrain.data.tokenizer import TOKENIZER_KINDS, default_deepseek_v3_tokenizer_path
 
 
@@ -45,22 +44,15 @@ def main(argv=None):
         parser.error(f"--json-keys {' '.join(args.json_keys)} names a key twice")
     if args.tokenizer_model is None and args.tokenizer_type != "HFTokenizer":
         parser.error(f"--tokenizer-model is required with --tokenizer-type {args.tokenizer_type}")
-    try:
-        if not os.path.isfile(args.input):
-            raise PreprocessError(f"{args.input}: input file not found")
-        tokenizer_model = args.tokenizer_model or default_deepseek_v3_tokenizer_path()
-        preprocess(read_jsonl_documents(args.input, args.json_keys), args.tokenizer_type, tokenizer_model,
-                   [f"{args.output_prefix}_{key}_document" for key in args.json_keys], source=args.input,
-                   workers=args.workers, append_eod=args.append_eod, dtype=args.dtype,
-                   log_interval=args.log_interval)
-    except USER_ERRORS as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
 
+    def work():
+        tokenizer_model = args.tokenizer_model or default_deepseek_v3_tokenizer_path()
+        return preprocess(read_jsonl_documents(args.input, args.json_keys), args.tokenizer_type, tokenizer_model,
+                          [f"{args.output_prefix}_{key}_document" for key in args.json_keys], source=args.input,
+                          workers=args.workers, append_eod=args.append_eod, dtype=args.dtype,
+                          log_interval=args.log_interval)
+
+    return run_cli(parser.prog, args.input, work)[0]
 
 if __name__ == "__main__":
     sys.exit(main())

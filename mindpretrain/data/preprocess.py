@@ -44,6 +44,22 @@ class PreprocessError(ValueError):
 # What the command-line tools report as one "error:" line instead of a traceback.
 USER_ERRORS = (PreprocessError, TokenizerError, WikiTextError, IndexedDatasetError, OSError)
 
+
+def run_cli(prog, input_path, work):
+    """Run a preprocessing command's `work()` as the command-line tools do: a missing input or any user
+    error becomes one `prog: error: ...` line and exit code 1, Ctrl-C exit 130, success 0 (and what
+    `work` returned). Nothing half-written survives either failure: the writers use temporary names."""
+    try:
+        if not os.path.isfile(input_path):
+            raise PreprocessError(f"{input_path}: input file not found")
+        return 0, work()
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130, None
+
 BATCH_BYTES = 1 << 16
 _BATCHES_IN_FLIGHT_PER_WORKER = 4
 _MB = 1e6

@@ -7,10 +7,9 @@ writes data/wiki_text_document.bin/.idx: one document per article (see mindpretr
 for what an article's text is), each followed by the tokenizer's EOS token.
 """
 import argparse
-import os
 import sys
 
-from mindpretrain.data.preprocess import USER_ERRORS, PreprocessError, preprocess
+from mindpretrain.data.preprocess import preprocess, run_cli
 from mindpretrain.data.tokenizer import TOKENIZER_KINDS, default_deepseek_v3_tokenizer_path
 from mindpretrain.data.wikitext import read_articles
 
@@ -49,20 +48,17 @@ def main(argv=None):
         parser.error(f"--seq-length must be at least 1, got {args.seq_length}")
     if args.vocab_file is None and args.tokenizer_type != "HFTokenizer":
         parser.error(f"--vocab-file is required with --tokenizer-type {args.tokenizer_type}")
-    try:
-        if not os.path.isfile(args.input):
-            raise PreprocessError(f"{args.input}: input file not found")
+
+    def work():
         vocab_file = args.vocab_file or default_deepseek_v3_tokenizer_path()
         articles = (((article.text,), article.nbytes) for article in read_articles(args.input))
-        summary = preprocess(articles, args.tokenizer_type, vocab_file, [f"{args.output_prefix}_text_document"],
-                             source=args.input, workers=args.workers, append_eod=True, dtype=args.dtype,
-                             log_interval=args.log_interval)
-    except USER_ERRORS as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return preprocess(articles, args.tokenizer_type, vocab_file, [f"{args.output_prefix}_text_document"],
+                          source=args.input, workers=args.workers, append_eod=True, dtype=args.dtype,
+                          log_interval=args.log_interval)
+
+    status, summary = run_cli(parser.prog, args.input, work)
+    if status:
+        return status
     report_samples(summary["tokens"], args.seq_length)
     return 0
 
