@@ -203,6 +203,7 @@ def test_tied_embeddings_share_the_head():
     model = DeepseekV3ForCausalLM(cfg)
     names = [name for name, _ in model.parameters_and_names()]
     assert "lm_head.weight" not in names and names == list(hf_parameter_shapes(cfg))
+    assert model.lm_head.weight is model.model.embed_tokens.weight      # the head cell holds the shared Parameter
     ids = tiny_batch(cfg)[0]
     hidden = model.model(ids)[0].asnumpy()
     expected = hidden @ model.model.embed_tokens.weight.asnumpy().T
@@ -250,6 +251,66 @@ def test_training_outputs_and_loss_mask(tiny_model):
     picked = np.take_along_axis(log_probs, np.clip(bad_labels, 0, None)[..., None], -1)[..., 0]
     expected = float(-(picked * mask_np).sum() / mask_np.sum())
     assert abs(lm_masked - expected) < 1e-5
+
+
+def test_mtp_reads_the_main_embedding_through_its_own_cell(tiny_model):
+    """Pipeline placement needs the MTP block's embedding as a cell of the block: it must hold the main
+    Parameter (no new parameter or name), at the path of the release's duplicate tensor."""
+    cfg = tiny_model.config
+    main = tiny_model.model.embed_tokens.weight
+    block = tiny_model.model.layers[cfg.num_hidden_layers]
+    assert block.embed_tokens.weight is main
+    named = list(tiny_model.parameters_and_names())
+    assert sorted(name for name, _ in named) == sorted(hf_parameter_shapes(cfg))  # same names and count
+    assert all(param.name == name for name, param in named)                      # checkpoint names too
+    assert len(tiny_model.trainable_params()) + cfg.num_moe_layers == len(named)   # + the no-grad biases
+    cell_paths = {path for path, _ in tiny_model.cells_and_names()}
+    duplicate = f"model.layers.{cfg.num_hidden_layers}.embed_tokens"
+    assert duplicate in cell_paths and release_duplicates(cfg)[duplicate + ".weight"] == "model.embed_tokens.weight"
+    # the block's embedding of its (shifted) tokens is the main embedding of them
+    ids = tiny_batch(cfg, seed=5)[0]
+    np.testing.assert_array_equal(block.embed_tokens(ids).asnumpy(), tiny_model.model.embed_tokens(ids).asnumpy())
+
+
+def test_fused_chunked_head_loss_matches_autodiff_of_the_plain_loss(tiny_model):
+    """The LM/MTP cross-entropy computes its own gradient, chunk by chunk (head.py): loss and gradients must equal
+    plain autodiff through materialised logits, whatever the chunking, up to float summation order."""
+    from research.deepseek3.deepseek3_model import masked_cross_entropy
+    from research.deepseek3.head import loss_chunk_size
+
+    assert loss_chunk_size(2048, 32000, 8 * 1024 * 1024) == 256 and loss_chunk_size(32, 96, 10 ** 9) == 32
+    assert loss_chunk_size(4096, 129280, 8 * 1024 * 1024) == 256          # capped at 16 chunks
+    assert loss_chunk_size(30, 96, 4 * 96) == 4                           # 8 chunks, the last one of 2 rows
+    assert loss_chunk_size(2048, 32000, None) == 2048                     # default: one chunk
+    cfg = tiny_model.config
+    ids, labels, _ = tiny_batch(cfg, seed=6)
+    mask = Tensor((np.random.RandomState(6).rand(2, cfg.seq_length) > 0.3).astype(np.float32))
+    weights = tiny_model.trainable_params()
+
+    def plain_lm_loss(ids, labels, mask):
+        return masked_cross_entropy(tiny_model.head(tiny_model.model(ids)[0]), labels, mask)
+
+    def fused_lm_loss(ids, labels, mask):
+        return tiny_model(ids, labels, mask)[1]
+
+    def value_and_grads(function):
+        value, grads = ms.value_and_grad(function, None, weights)(ids, labels, mask)
+        return float(value.asnumpy()), [grad.asnumpy() for grad in grads]
+
+    reference, reference_grads = value_and_grads(plain_lm_loss)
+    cross_entropy = tiny_model.lm_head.cross_entropy
+    default = cross_entropy.chunk_elements
+    for chunk_elements in (default, 5 * cfg.vocab_size):      # one chunk; 7 chunks (six of 5 rows, one of 2)
+        cross_entropy.chunk_elements = chunk_elements
+        try:
+            value, grads = value_and_grads(fused_lm_loss)
+        finally:
+            cross_entropy.chunk_elements = default
+        assert value == pytest.approx(reference, rel=1e-6)
+        for param, expected, actual in zip(weights, reference_grads, grads):
+            # atol: chunked partial sums reorder float32 additions; gradients here are ~0.1, and one in 512
+            # elements was seen 1.3e-7 off under a loaded machine (different thread split of the reductions).
+            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=param.name)
 
 
 def test_update_expert_bias(tiny_model):

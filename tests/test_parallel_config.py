@@ -152,6 +152,9 @@ def test_pipeline_stages_assigned_to_the_model_cells():
     model = DeepseekV3ForCausalLM(cfg)
     stages = assign_pipeline_stages(model, placement)
     assert stages == {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 0,
-                      "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+                      "model.layers.3": 1, "model.layers.3.embed_tokens": 1, "model.norm": 1, "lm_head": 1}
     assert model.model.layers[3].pipeline_stage == 1 and model.model.layers[0].pipeline_stage == 0
     assert model.lm_head.pipeline_stage == 1
+    # the MTP block reads the embedding through its own cell on the last stage, holding the stage-0 Parameter
+    assert model.model.layers[3].embed_tokens.pipeline_stage == 1 and model.model.embed_tokens.pipeline_stage == 0
+    assert model.model.layers[3].embed_tokens.weight is model.model.embed_tokens.weight

@@ -155,6 +155,7 @@ def _offset_repr(offset):
 
 
 _LAYER_PATH = re.compile(r"(?:.*\.)?layers\.(\d+)$")
+_LAYER_EMBEDDING_PATH = re.compile(r"(?:.*\.)?layers\.(\d+)\.embed_tokens$")
 
 
 def pipeline_stage_of_cells(model, placement):
@@ -162,12 +163,13 @@ def pipeline_stage_of_cells(model, placement):
 
     Cell paths equal the HF parameter-name prefixes (`model.layers.7`, `model.embed_tokens`, `model.norm`,
     `lm_head`): decoder layers and MTP blocks go to the stage `placement` gives them, the embedding to
-    stage 0, the final norm and the head to the last stage.
+    stage 0, the final norm and the head to the last stage. An MTP block's own embedding cell
+    (`model.layers.{L+i}.embed_tokens`, holding the main embedding Parameter) goes with its block.
     """
     last = placement.pipeline_stage - 1
     stages = {}
     for path, _ in model.cells_and_names():
-        match = _LAYER_PATH.match(path)
+        match = _LAYER_PATH.match(path) or _LAYER_EMBEDDING_PATH.match(path)
         if match:
             stages[path] = placement.stage_of_layer(int(match.group(1)))
         elif path.endswith("embed_tokens") and "layers." not in path:
@@ -180,9 +182,10 @@ def pipeline_stage_of_cells(model, placement):
 def assign_pipeline_stages(model, placement):
     """Set `cell.pipeline_stage` on the model's layers, embedding, final norm and head (Ascend pipeline runs).
 
-    Note: the MTP blocks on the last stage read the embedding that lives on stage 0; MindSpore must then
-    treat the embedding weight as shared between the two stages (MindFormers gives MTP its own embedding
-    cell sharing the weight); that is for the model to arrange.
+    The MTP blocks on the last stage read the embedding that lives on stage 0: each block has its own
+    embedding cell holding the same Parameter (as MindFormers does), placed with the block, so MindSpore sees
+    one weight shared between stage 0 and the last stage. A tied head (`lm_head` holding the embedding
+    Parameter) is shared the same way.
     """
     cells = dict(model.cells_and_names())
     stages = pipeline_stage_of_cells(model, placement)

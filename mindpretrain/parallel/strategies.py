@@ -16,17 +16,32 @@ dimension exactly like `W`'s input dimension. Everything else (attention batch-m
 SwiGLU, router, expert batch-matmuls, embedding gather, loss) is in `OP_SYMBOLS` below, next to the
 tensor layout it assumes.
 
+Which primitive has which kind is declared by the model, not guessed here: a cell that computes through
+primitives held as attributes exposes `shard_ops = {attribute name: op kind}` (research/deepseek3/layers.py
+explains the convention), and `apply_shard_strategies` walks the cells and shards exactly those primitives.
+Ops that no cell declares are left to sharding propagation and listed in the report (`unmatched_kinds`).
+
 On CPU nothing is applied: `op_strategies(pc)` is computed and tested, and `apply_shard_strategies`
-returns a report saying it skipped because the parallel mode is not (semi-)auto parallel.
+returns a report saying it skipped because the parallel mode is not (semi-)auto parallel (`force=True`
+records the strategies on the primitives anyway; stand-alone execution ignores them).
 """
 import dataclasses
 import math
 from typing import List, Tuple
 
-from mindpretrain.parallel.layouts import KIND_SPLITS, weight_kind
+from mindpretrain.parallel.layouts import KIND_SPLITS
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("parallel.strategies")
+
+def _rms_norm_symbols(kind, activation):
+    """The primitives of one RMSNorm on `activation` (3-D): square, mean, +eps, rsqrt, x * rsqrt, weight * x.
+    `kind` itself names the final weight multiply."""
+    statistic = activation[:-1] + (None,)             # [B, S, 1]
+    return {f"{kind}.square": (activation,), f"{kind}.mean": (activation,), f"{kind}.eps_add": (statistic, ()),
+            f"{kind}.rsqrt": (statistic,), f"{kind}.normalise": (activation, statistic),
+            kind: (activation, (None,))}
+
 
 # Tensor layouts assumed: attention tensors [B, N(heads), S, D]; hidden states [B, S, H];
 # token-major matrices [T = B*S, features]; routed-expert tensors [E, T_e (tokens per expert), features].
@@ -38,14 +53,15 @@ OP_SYMBOLS = {
     "attention.qk_concat": (("dp", "mp", None, None), ("dp", "mp", None, None)),     # [q_nope | q_pe]
     "attention.qk_bmm": (("dp", "mp", None, None), ("dp", "mp", None, None)),        # Q K^T
     "attention.scale_mul": (("dp", "mp", None, None), ()),
-    "attention.mask_add": (("dp", "mp", None, None), (None, None, None, None)),
+    "attention.mask_add": (("dp", "mp", None, None), (None, None, None, None)),     # mask [1, 1, S, S]
     "attention.softmax": (("dp", "mp", None, None),),
     "attention.pv_bmm": (("dp", "mp", None, None), ("dp", "mp", None, None)),        # P V
-    "attention.latent_norm": (("dp", None, None), (None,)),                          # RMSNorm of q/kv latents
+    **_rms_norm_symbols("attention.latent_norm", ("dp", None, None)),               # RMSNorm of q/kv latents
     # --- block-level --------------------------------------------------------------------------------------
-    "norm": (("dp", "sp", None), (None,)),                                           # RMSNorm [B,S,H]
+    **_rms_norm_symbols("norm", ("dp", "sp", None)),                                # RMSNorm [B,S,H]
     "residual_add": (("dp", "sp", None), ("dp", "sp", None)),
-    "mlp.silu": (("dp", "mp"),),
+    "mlp.silu": (("dp", "mp"),),                                                     # sigmoid(g), g [T, I]
+    "mlp.silu_mul": (("dp", "mp"), ("dp", "mp")),                                    # g * sigmoid(g)
     "mlp.swiglu_mul": (("dp", "mp"), ("dp", "mp")),
     # --- MoE ----------------------------------------------------------------------------------------------
     "moe.router_sigmoid": (("dp", None),),
@@ -62,8 +78,10 @@ OP_SYMBOLS = {
     # --- embedding, MTP, head, loss -----------------------------------------------------------------------
     "embedding.gather": (("vocab", None), ("dp", None)),                             # table [V,H], ids [B,S]
     "mtp.concat": (("dp", None, None), ("dp", None, None)),                          # [enorm(e) | hnorm(h)]
-    "loss.log_softmax": (("dp", "vocab"),),                                          # logits [T, V]
-    "loss.nll_gather": (("dp", "vocab"), ("dp",)),
+    # The softmax axis cannot be split, so the loss gathers the vocab-split logits of the head per chunk of
+    # tokens (research/deepseek3/head.py); a decomposed max/exp/sum softmax would keep them split.
+    "loss.log_softmax": (("dp", None),),                                             # logits [T, V]
+    "loss.nll_gather": (("dp", None), ("dp", None)),                                 # log p [T,V], labels [T,1]
 }
 
 # Projections: op kind == weight kind; x [T, in] @ W[out, in]^T.
@@ -73,11 +91,6 @@ MATMUL_OPS = ("attention.q_a_proj", "attention.q_b_proj", "attention.q_proj", "a
               "mtp.eh_proj", "lm_head")
 
 OP_KINDS = tuple(OP_SYMBOLS) + MATMUL_OPS
-
-# Primitive attributes recognised on any cell that declares no `shard_ops` of its own
-# (research/deepseek3/mla.py's AttentionCore).
-PRIMITIVE_ATTRIBUTES = {"scores_matmul": "attention.qk_bmm", "context_matmul": "attention.pv_bmm"}
-
 
 def symbol_sizes(pc):
     """Mesh symbol -> number of parts under parallel config `pc`."""
@@ -133,16 +146,12 @@ def op_out_strategy(kind, pc):
     return None
 
 
-# Rank of the input a projection cell receives (hidden states [B, S, features] unless listed).
-INPUT_RANK = {"moe.router": 2}          # the router sees tokens flattened to [B*S, H]
-
-
 # ------------------------------------------------------------------------------------- applying to a model
 @dataclasses.dataclass
 class ShardReport:
     applied: bool
     reason: str
-    planned: List[Tuple[str, str, str, tuple]] = dataclasses.field(default_factory=list)  # (cell, target, kind, strat)
+    planned: List[Tuple[str, str, str, tuple]] = dataclasses.field(default_factory=list)  # (cell, attr, kind, strat)
     unmatched_kinds: Tuple[str, ...] = ()
 
 
@@ -155,71 +164,32 @@ def _parallel_mode():
 def plan_shard_calls(model, pc):
     """The `.shard` calls `apply_shard_strategies` would make, without making them.
 
-    - a cell with a 2-D `weight` Parameter whose name is a projection kind of `layouts.WEIGHT_KINDS`:
-      its `matmul` primitive when it has one (`nn.Dense`), else the cell itself
-      (`Cell.shard(in_strategy, parameter_plan)`, completed by MindSpore's sharding propagation);
-    - a cell exposing `shard_ops = {attribute: op kind}`: those primitives (without it, the attribute
-      names of `PRIMITIVE_ATTRIBUTES`).
-    Ops not reached this way are left to sharding propagation (MindFormers' DeepSeek-V3 YAML uses
-    `search_mode: sharding_propagation`).
+    Walks `model.cells_and_names()` (each cell once, even if shared) and, for every cell declaring
+    `shard_ops = {attribute: op kind}`, plans `getattr(cell, attribute).shard(op_strategy(kind, pc))`.
+    Returns `(planned, unmatched)`: planned `(cell path, attribute, kind, in_strategy)` tuples, and the op
+    kinds of the table that no cell declares (left to sharding propagation). A declared attribute that is not
+    a primitive, or a kind the table does not know, is a model bug and raises.
     """
     planned, seen_kinds = [], set()
     for path, cell in model.cells_and_names():
-        weight = getattr(cell, "weight", None)
-        if weight is not None and hasattr(weight, "name") and len(getattr(weight, "shape", ())) == 2:
-            try:
-                kind = weight_kind(weight.name)[0]
-            except ValueError:
-                kind = None
-            if kind in MATMUL_OPS:
-                target = "matmul" if _is_primitive(getattr(cell, "matmul", None)) else "cell"
-                planned.append((path, target, kind, op_strategy(kind, pc)))
-                seen_kinds.add(kind)
-            elif kind == "embedding":
-                planned.append((path, "cell", kind, op_strategy("embedding.gather", pc)))
-                seen_kinds.add("embedding.gather")
-        hooks = getattr(cell, "shard_ops", None)
-        if hooks is None:
-            hooks = {attribute: kind for attribute, kind in PRIMITIVE_ATTRIBUTES.items()
-                     if _is_primitive(getattr(cell, attribute, None))}
-        for attribute, kind in hooks.items():
+        for attribute, kind in (getattr(cell, "shard_ops", None) or {}).items():
+            if not _is_primitive(getattr(cell, attribute, None)):
+                raise TypeError(f"{type(cell).__name__} at '{path}' declares shard_ops['{attribute}'] = {kind!r} "
+                                f"but its attribute '{attribute}' is not a primitive")
             planned.append((path, attribute, kind, op_strategy(kind, pc)))
             seen_kinds.add(kind)
     unmatched = tuple(kind for kind in OP_KINDS if kind not in seen_kinds)
     return planned, unmatched
 
 
-def _cell_shard_arguments(cell, kind, strategy, pc):
-    """`Cell.shard` arguments for a projection/embedding cell without a primitive of its own.
-
-    A projection's input rank is `cell.input_rank` if the cell declares one, else `INPUT_RANK` of its
-    kind (default 3: hidden states [B, S, features]); dimensions between batch and features stay whole.
-    """
-    if kind == "embedding":
-        table, ids = strategy
-        return {"in_strategy": (tuple(ids),),                     # token ids [B, S]
-                "parameter_plan": {cell.weight.name: tuple(table)}}
-    rank = int(getattr(cell, "input_rank", INPUT_RANK.get(kind, 3)))
-    activation, weight = strategy
-    tokens, contracted = activation
-    leading = (tokens,) + (1,) * (rank - 2)
-    arguments = {"in_strategy": (leading + (contracted,),), "parameter_plan": {cell.weight.name: tuple(weight)}}
-    out = op_out_strategy(kind, pc)
-    if out is not None:
-        arguments["out_strategy"] = ((out[0][0],) + (1,) * (rank - 1),)
-    return arguments
-
-
 def _is_primitive(obj):
-    try:
-        from mindspore.ops import Primitive
-    except ImportError:  # pragma: no cover
-        return False
+    from mindspore.ops import Primitive
+
     return isinstance(obj, Primitive)
 
 
 def apply_shard_strategies(model, pc, force=False):
-    """Call `.shard` on the model's primitives/cells (SEMI_AUTO_PARALLEL / AUTO_PARALLEL on Ascend only).
+    """Call `.shard` on every primitive the model's cells declare (SEMI_AUTO_PARALLEL / AUTO_PARALLEL, Ascend).
 
     In any other parallel mode (STAND_ALONE on CPU, DATA_PARALLEL) it changes nothing and returns a
     report with `applied=False` and the reason, so callers can log it instead of guessing.
@@ -232,17 +202,13 @@ def apply_shard_strategies(model, pc, force=False):
         logger.info("apply_shard_strategies skipped: %s (%d calls planned)", reason, len(planned))
         return ShardReport(False, reason, planned, unmatched)
     cells = dict(model.cells_and_names())
-    for path, target, kind, strategy in planned:
-        cell = cells[path]
-        if target == "cell":
-            cell.shard(**_cell_shard_arguments(cell, kind, strategy, pc))
+    for path, attribute, kind, strategy in planned:
+        primitive = getattr(cells[path], attribute)
+        out = op_out_strategy(kind, pc)
+        if out is None:
+            primitive.shard(strategy)
         else:
-            out = op_out_strategy(kind, pc)
-            primitive = getattr(cell, target)
-            if out is None:
-                primitive.shard(strategy)
-            else:
-                primitive.shard(strategy, out)
+            primitive.shard(strategy, out)
     logger.info("applied %d shard strategies; left to sharding propagation: %s", len(planned),
                 ", ".join(unmatched) or "nothing")
     return ShardReport(True, f"applied under {mode}", planned, unmatched)

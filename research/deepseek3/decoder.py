@@ -4,13 +4,14 @@
 
 Layers below `first_k_dense_replace` use the dense FFN (`mlp.{gate,up,down}_proj`), the others the MoE block
 (`mlp.gate`, `mlp.experts.E`, `mlp.shared_experts`). `block()` returns the expert load and balance loss too,
-so the model can collect them per MoE layer (dense layers report none).
+so the model can collect them per MoE layer (dense layers report none). The two residual adds are primitives
+declared in `shard_ops` (kind `residual_add`, see layers.py).
 """
-from mindspore import nn
+from mindspore import nn, ops
 
-from research.deepseek3.layers import RMSNorm
+from research.deepseek3.layers import RMSNorm, SwiGLU
 from research.deepseek3.mla import MultiHeadLatentAttention
-from research.deepseek3.moe import DeepseekV3MoE, SwiGLUMLP
+from research.deepseek3.moe import DeepseekV3MoE
 
 
 class DecoderLayer(nn.Cell):
@@ -24,16 +25,19 @@ class DecoderLayer(nn.Cell):
         if self.is_moe:
             self.mlp = DeepseekV3MoE(cfg)
         else:
-            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg)
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg)
+        self.attention_residual = ops.Add()
+        self.mlp_residual = ops.Add()
+        self.shard_ops = {"attention_residual": "residual_add", "mlp_residual": "residual_add"}
 
     def block(self, x, cos, sin, mask):
         """-> (hidden, expert load [E] or None, balance loss or None)."""
-        hidden = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        hidden = self.attention_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask))
         normed = self.post_attention_layernorm(hidden)
         if self.is_moe:
             out, load, balance = self.mlp(normed)
-            return hidden + out, load, balance
-        return hidden + self.mlp(normed), None, None
+            return self.mlp_residual(hidden, out), load, balance
+        return self.mlp_residual(hidden, self.mlp(normed)), None, None
 
     def construct(self, x, cos, sin, mask):
         return self.block(x, cos, sin, mask)

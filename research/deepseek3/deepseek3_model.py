@@ -16,17 +16,19 @@ Calls (the contract with the trainer):
   layer order (main MoE layers, then MTP blocks) — the order of `moe_layer_biases()`. No gradient.
 
 Parameter names equal the HF checkpoint names; the model checks itself against `weight_mapping` when built.
+Cells shared for pipeline placement (each MTP block's `embed_tokens`, a tied `lm_head`) hold the main Parameters,
+so every parameter is reported once, under the first cell path that holds it (see `_name_by_first_path`).
 """
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore import Tensor, nn, ops
 
 from mindpretrain.registry import register
 from research.deepseek3.decoder import DecoderLayer
 from research.deepseek3.deepseek3_config import DeepseekV3Config
-from research.deepseek3.layers import Linear, RMSNorm, ms_dtype
+from research.deepseek3.head import OutputHead
+from research.deepseek3.layers import Embedding, RMSNorm, ms_dtype
 from research.deepseek3.mla import causal_mask
 from research.deepseek3.moe import expert_bias_update
 from research.deepseek3.mtp import MTPLayer, shift_left
@@ -43,15 +45,13 @@ def _as_config(config):
     raise TypeError(f"DeepSeek-V3 needs a DeepseekV3Config or a model_config mapping, got {type(config).__name__}")
 
 
-class Embedding(nn.Cell):
-    def __init__(self, cfg):
-        super().__init__()
-        self.weight = Parameter(initializer(Normal(sigma=cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
-                                            ms_dtype(cfg.param_init_type)), name="weight")
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+def _name_by_first_path(cell):
+    """Name every Parameter after the first cell path holding it (`cells_and_names` order).
 
-    def construct(self, ids):
-        return ops.cast(ops.gather(self.weight, ids, 0), self.compute_dtype)
+    MindSpore renames a Parameter each time a cell holding it is attached to a parent, so a Parameter shared by
+    two cells would end up named after whichever was attached last. Re-deriving the names once the tree is
+    complete makes them the HF names again (`model.embed_tokens.weight`, registered before any sharer)."""
+    cell.update_parameters_name()
 
 
 class DeepseekV3Model(nn.Cell):
@@ -65,10 +65,12 @@ class DeepseekV3Model(nn.Cell):
         self.num_layers = cfg.num_hidden_layers
         self.embed_tokens = Embedding(cfg)
         layers = [DecoderLayer(cfg, index) for index in range(cfg.num_hidden_layers)]
-        layers += [MTPLayer(cfg, cfg.num_hidden_layers + depth) for depth in range(cfg.num_nextn_predict_layers)]
+        layers += [MTPLayer(cfg, cfg.num_hidden_layers + depth, self.embed_tokens.weight)
+                   for depth in range(cfg.num_nextn_predict_layers)]
         self.layers = nn.CellList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         self.rotary = RotaryEmbedding(cfg, cfg.seq_length)
+        _name_by_first_path(self)
 
     def positional(self, seq_length):
         """(cos, sin, causal mask) shared by every block of one forward."""
@@ -90,7 +92,8 @@ class DeepseekV3Model(nn.Cell):
 
 
 def masked_cross_entropy(logits, labels, weights):
-    """Sum(weights * CE) / Sum(weights) in float32; labels outside [0, vocab) must carry weight 0."""
+    """Reference form of the loss on materialised logits (the model computes it chunked: head.py)."""
+    # Sum(weights * CE) / Sum(weights) in float32; labels outside [0, vocab) must carry weight 0.
     if logits.dtype != ms.float32:
         logits = ops.cast(logits, ms.float32)
     vocab = logits.shape[-1]
@@ -111,15 +114,14 @@ class DeepseekV3ForCausalLM(nn.Cell):
         self.config = cfg
         self.model = DeepseekV3Model(cfg)
         self.tied = bool(cfg.tie_word_embeddings)
-        if not self.tied:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg)
+        self.lm_head = OutputHead(cfg, shared_weight=self.model.embed_tokens.weight if self.tied else None)
         self.num_layers = cfg.num_hidden_layers
         self.mtp_depth = cfg.num_nextn_predict_layers
         self.mtp_loss_factor = float(cfg.mtp_loss_factor)
         self.compute_dtype = ms_dtype(cfg.compute_dtype)
         self.vocab_size = cfg.vocab_size
-        self.head_matmul = ops.MatMul(transpose_b=True)
         self._apply_recompute(cfg.recompute)
+        _name_by_first_path(self)
         self._check_names_and_shapes()
 
     # ----- construction helpers ---------------------------------------------------------------------------
@@ -144,15 +146,8 @@ class DeepseekV3ForCausalLM(nn.Cell):
 
     # ----- forward ----------------------------------------------------------------------------------------
     def head(self, hidden):
-        """float32 logits of the (shared) output head."""
-        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        if weight.dtype != self.compute_dtype:
-            weight = ops.cast(weight, self.compute_dtype)
-        batch, seq, hidden_size = hidden.shape
-        logits = self.head_matmul(hidden.reshape(batch * seq, hidden_size), weight)   # no transposed weight copy
-        if logits.dtype != ms.float32:
-            logits = ops.cast(logits, ms.float32)
-        return logits.reshape(batch, seq, -1)
+        """float32 logits [B, S, vocab] of the (shared) output head."""
+        return self.lm_head(hidden)
 
     def construct(self, input_ids, labels=None, loss_mask=None):
         hidden, loads, balance = self.model(input_ids)
@@ -160,7 +155,7 @@ class DeepseekV3ForCausalLM(nn.Cell):
             return self.head(hidden)
         if loss_mask is None:
             loss_mask = ops.ones(labels.shape, ms.float32)
-        lm_loss = masked_cross_entropy(self.head(hidden), labels, loss_mask)
+        lm_loss = self.lm_head.masked_cross_entropy(hidden, labels, loss_mask)
 
         mtp_total = Tensor(0.0, ms.float32)
         if self.mtp_depth > 0:
@@ -170,12 +165,12 @@ class DeepseekV3ForCausalLM(nn.Cell):
                 layer = self.model.layers[self.num_layers + depth]
                 # module depth+1 reads t_{i+depth+1} = input_ids[i+depth+1]; the zero-filled tail only feeds
                 # positions whose targets are masked, and causal attention keeps them from earlier positions
-                embedded = self.model.embed_tokens(shift_left(input_ids, depth + 1))
-                previous, normed, load, layer_balance = layer(embedded, previous, cos, sin, mask)
+                previous, normed, load, layer_balance = layer(shift_left(input_ids, depth + 1), previous, cos, sin,
+                                                              mask)
                 loads = loads + (load,)
                 balance = balance + ops.cast(layer_balance, ms.float32)
-                mtp_total = mtp_total + masked_cross_entropy(
-                    self.head(normed), shift_left(labels, depth + 1), shift_left(loss_mask, depth + 1))
+                mtp_total = mtp_total + self.lm_head.masked_cross_entropy(
+                    normed, shift_left(labels, depth + 1), shift_left(loss_mask, depth + 1))
             mtp_loss = mtp_total / self.mtp_depth
         else:
             mtp_loss = mtp_total

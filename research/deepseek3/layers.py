@@ -1,14 +1,17 @@
-"""Small building blocks shared by attention, decoder blocks and MTP: RMSNorm and dtype lookup.
+"""Building blocks shared by attention, decoder blocks, MTP and the head: Linear, RMSNorm, SwiGLU, dtype lookup.
 
-The bias-free `Linear` ([out, in] weight, computing in `cfg.compute_dtype`) is the MoE module's, so dense,
-attention and expert projections share one implementation of the matmul numerics.
+Every cell that computes through primitives the parallel plan may cut declares them in `shard_ops`
+({attribute name: op kind}); `mindpretrain.parallel.strategies.apply_shard_strategies` walks the cells and gives
+each declared primitive the strategy of its kind. That is why these cells call primitives held as attributes
+(`self.matmul(...)`) instead of functional ops: a functional op has no object to carry a strategy.
+The op kind of a projection depends on where it sits (`attention.q_b_proj`, `mlp.down_proj`, ...), so the
+cells take it as a constructor argument.
 """
 import numpy as np
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-
-from research.deepseek3.moe import Linear  # noqa: F401  (re-exported: the one bias-free linear layer)
+from mindspore.common.initializer import Normal, initializer
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -17,22 +20,121 @@ def ms_dtype(name):
     return MS_DTYPES[name]
 
 
+def normal_weight(shape, cfg):
+    """A `weight` Parameter drawn from N(0, initializer_range) in `param_init_type`."""
+    return Parameter(initializer(Normal(sigma=cfg.initializer_range), shape, ms_dtype(cfg.param_init_type)),
+                     name="weight")
+
+
+class Linear(nn.Cell):
+    """Bias-free `x @ W^T` with an HF-shaped weight [out, in], computing in `cfg.compute_dtype`.
+
+    Any leading dimensions are flattened to tokens for one 2-D MatMul (`transpose_b`, so no transposed copy
+    of the weight is made); the strategy of `shard_kind` is written for that [tokens, in] x [out, in] product.
+    """
+
+    def __init__(self, in_features, out_features, cfg, shard_kind):
+        super().__init__()
+        self.out_features = out_features
+        self.weight = normal_weight((out_features, in_features), cfg)
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.shard_ops = {"matmul": shard_kind}
+
+    def construct(self, x):
+        leading = x.shape[:-1]
+        if x.dtype != self.compute_dtype:
+            x = ops.cast(x, self.compute_dtype)
+        weight = self.weight
+        if weight.dtype != self.compute_dtype:
+            weight = ops.cast(weight, self.compute_dtype)
+        out = self.matmul(x.reshape(-1, x.shape[-1]), weight)
+        return out.reshape(leading + (self.out_features,))
+
+
 class RMSNorm(nn.Cell):
     """x / sqrt(mean(x^2) + eps) * weight, the mean accumulated in `layernorm_compute_type` (fp32 by default).
 
     Low-precision inputs are upcast for the reduction (bf16 sums of 7168 squares lose the small components),
     then the normalised value is cast back to the input dtype before the weight multiplies it, as in HF.
+    `shard_kind` names the layout of the input: "norm" for hidden states [B, S, H] (sequence-parallel),
+    "attention.latent_norm" for the q/kv latents (split on batch only); its sub-kinds cover every primitive.
     """
 
-    def __init__(self, size, cfg):
+    def __init__(self, size, cfg, shard_kind="norm"):
         super().__init__()
         self.weight = Parameter(Tensor(np.ones(size, np.float32), ms_dtype(cfg.param_init_type)), name="weight")
         self.eps = float(cfg.rms_norm_eps)
         self.norm_dtype = ms_dtype(cfg.layernorm_compute_type)
+        self.square = ops.Square()
+        self.mean = ops.ReduceMean(keep_dims=True)
+        self.eps_add = ops.Add()
+        self.rsqrt = ops.Rsqrt()
+        self.normalise = ops.Mul()
+        self.weight_mul = ops.Mul()
+        self.shard_ops = {"square": f"{shard_kind}.square", "mean": f"{shard_kind}.mean",
+                          "eps_add": f"{shard_kind}.eps_add", "rsqrt": f"{shard_kind}.rsqrt",
+                          "normalise": f"{shard_kind}.normalise", "weight_mul": shard_kind}
 
     def construct(self, x):
         input_dtype = x.dtype
-        upcast = ops.cast(x, self.norm_dtype)
-        variance = ops.mean(ops.square(upcast), -1, keep_dims=True)
-        normalised = ops.cast(upcast * ops.rsqrt(variance + self.eps), input_dtype)
-        return ops.cast(self.weight, input_dtype) * normalised
+        upcast = x if input_dtype == self.norm_dtype else ops.cast(x, self.norm_dtype)
+        variance = self.mean(self.square(upcast), -1)
+        normalised = self.normalise(upcast, self.rsqrt(self.eps_add(variance, self.eps)))
+        if input_dtype != self.norm_dtype:
+            normalised = ops.cast(normalised, input_dtype)
+        weight = self.weight
+        if weight.dtype != input_dtype:
+            weight = ops.cast(weight, input_dtype)
+        return self.weight_mul(weight, normalised)
+
+
+class SwiGLU(nn.Cell):
+    """`down(silu(gate(x)) * up(x))`, the dense FFN of the first `first_k_dense_replace` layers.
+
+    Parameters `gate_proj/up_proj/down_proj.weight` as in HF. Runs on tokens [B*S, features] so the element-wise
+    primitives have the 2-D layout their strategies (`mlp.silu`, `mlp.swiglu_mul`) describe.
+    """
+
+    def __init__(self, hidden_size, intermediate_size, cfg):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, cfg, "mlp.gate_proj")
+        self.up_proj = Linear(hidden_size, intermediate_size, cfg, "mlp.up_proj")
+        self.down_proj = Linear(intermediate_size, hidden_size, cfg, "mlp.down_proj")
+        self.sigmoid = ops.Sigmoid()
+        self.silu_mul = ops.Mul()
+        self.gate_mul = ops.Mul()
+        self.shard_ops = {"sigmoid": "mlp.silu", "silu_mul": "mlp.silu_mul", "gate_mul": "mlp.swiglu_mul"}
+
+    def construct(self, x):
+        leading = x.shape[:-1]
+        tokens = x.reshape(-1, x.shape[-1])
+        gate = self.gate_proj(tokens)
+        activated = self.silu_mul(gate, self.sigmoid(gate))          # silu(g) = g * sigmoid(g)
+        out = self.down_proj(self.gate_mul(activated, self.up_proj(tokens)))
+        return out.reshape(leading + (out.shape[-1],))
+
+
+class Embedding(nn.Cell):
+    """Token embedding `weight[ids]` through one Gather primitive (kind `embedding.gather`).
+
+    `shared_weight` makes the cell hold an existing Parameter (the MTP blocks' copy of the main embedding, for
+    pipeline placement): it adds no parameter, and `parameters_and_names()` still reports the weight once,
+    under the first cell path holding it (the model re-derives parameter names from those paths).
+    """
+
+    def __init__(self, cfg, shared_weight=None):
+        super().__init__()
+        if shared_weight is None:
+            shared_weight = normal_weight((cfg.vocab_size, cfg.hidden_size), cfg)
+        self.weight = shared_weight
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.gather = ops.Gather()
+        self.shard_ops = {"gather": "embedding.gather"}
+
+    def construct(self, ids):
+        embedded = self.gather(self.weight, ids, 0)
+        if embedded.dtype != self.compute_dtype:
+            embedded = ops.cast(embedded, self.compute_dtype)
+        return embedded
+

@@ -9,6 +9,9 @@ Per token x [H]:
   out    = o_proj(concat_heads(softmax(score) v))
 Parameter names are the HF ones (`self_attn.q_a_proj.weight`, ...). The score/softmax/context part is its own
 parameter-free cell (`core`) so selective recompute can recompute exactly the S x S part.
+Projections, the q/k concatenations, the score/context batch matmuls, the scale, the mask add and the softmax
+are primitives declared in `shard_ops` (see layers.py); RoPE and the shared-key broadcast are left to sharding
+propagation.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -20,11 +23,13 @@ MASK_VALUE = -1.0e9
 
 
 def causal_mask(seq_length):
-    """Additive [S, S] float32 mask: 0 on and below the diagonal, -1e9 above (future positions)."""
+    """Additive [1, 1, S, S] float32 mask: 0 on and below the diagonal, -1e9 above (future positions).
+
+    Rank 4 like the scores it is added to, so the add's shard strategy has one entry per dimension."""
     rows = ops.arange(0, seq_length, dtype=ms.int32).reshape(seq_length, 1)
     cols = ops.arange(0, seq_length, dtype=ms.int32).reshape(1, seq_length)
     return ops.select(cols > rows, ops.full((seq_length, seq_length), MASK_VALUE, dtype=ms.float32),
-                      ops.zeros((seq_length, seq_length), ms.float32))
+                      ops.zeros((seq_length, seq_length), ms.float32)).reshape(1, 1, seq_length, seq_length)
 
 
 class AttentionCore(nn.Cell):
@@ -35,16 +40,22 @@ class AttentionCore(nn.Cell):
         self.scale = float(softmax_scale(cfg))
         self.softmax_dtype = ms_dtype(cfg.softmax_compute_type)
         self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.scale_mul = ops.Mul()
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.mask_add = ops.Add()
+        self.softmax = ops.Softmax(-1)
         self.context_matmul = ops.BatchMatMul()
+        self.shard_ops = {"scale_mul": "attention.scale_mul", "scores_matmul": "attention.qk_bmm",
+                          "mask_add": "attention.mask_add", "softmax": "attention.softmax",
+                          "context_matmul": "attention.pv_bmm"}
 
     def construct(self, query, key, value, mask):
         # The scale goes on the query ([B,N,S,D]) rather than the scores ([B,N,S,S]), and casts only happen when
         # the dtypes differ: every S x S temporary avoided is memory the graph keeps for backward.
-        scores = self.scores_matmul(query * self.scale, key)
+        scores = self.scores_matmul(self.scale_mul(query, self.scale), key)
         if self.softmax_dtype != self.compute_dtype:
             scores = ops.cast(scores, self.softmax_dtype)
-        probs = ops.softmax(scores + mask, -1)
+        probs = self.softmax(self.mask_add(scores, mask))
         if self.softmax_dtype != self.compute_dtype:
             probs = ops.cast(probs, self.compute_dtype)
         return self.context_matmul(probs, value)
@@ -62,15 +73,20 @@ class MultiHeadLatentAttention(nn.Cell):
         self.use_q_lora = cfg.q_lora_rank is not None
         q_out = self.num_heads * cfg.qk_head_dim
         if self.use_q_lora:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg)
-            self.q_b_proj = Linear(cfg.q_lora_rank, q_out, cfg)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg, "attention.q_a_proj")
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg, "attention.latent_norm")
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out, cfg, "attention.q_b_proj")
         else:
-            self.q_proj = Linear(cfg.hidden_size, q_out, cfg)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg)
-        self.o_proj = Linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size, cfg)
+            self.q_proj = Linear(cfg.hidden_size, q_out, cfg, "attention.q_proj")
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg,
+                                         "attention.kv_a_proj")
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg, "attention.latent_norm")
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg,
+                                "attention.kv_b_proj")
+        self.o_proj = Linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size, cfg, "attention.o_proj")
+        self.q_concat = ops.Concat(-1)
+        self.k_concat = ops.Concat(-1)
+        self.shard_ops = {"q_concat": "attention.qk_concat", "k_concat": "attention.qk_concat"}
         self.core = AttentionCore(cfg)
 
     def construct(self, x, cos, sin, mask):
@@ -92,8 +108,8 @@ class MultiHeadLatentAttention(nn.Cell):
         k_nope = kv[..., :self.nope_dim]
         value = kv[..., self.nope_dim:]
 
-        query = ops.concat((q_nope, q_rope), -1)
-        key = ops.concat((k_nope, ops.broadcast_to(k_rope, (batch, self.num_heads, seq, self.rope_dim))), -1)
+        query = self.q_concat((q_nope, q_rope))
+        key = self.k_concat((k_nope, ops.broadcast_to(k_rope, (batch, self.num_heads, seq, self.rope_dim))))
         context = self.core(query, key, value, mask)                    # [B, N, S, V]
         context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.v_dim)
         return self.o_proj(context)

@@ -14,11 +14,16 @@ With labels already shifted (labels[i] = t_{i+1}), the inputs of module k are in
 tokens, as Megatron-Core does, never the ignore values labels may carry) and its targets labels shifted left by
 k, weighted by loss_mask shifted left by k; the last k positions have no target and get weight 0. The training
 loss adds `mtp_loss_factor / D * sum_k L_k`.
+
+Pipeline parallelism puts the MTP blocks on the last stage while the main embedding lives on stage 0, so each
+block has its own `embed_tokens` cell holding the main embedding Parameter (shared, not a copy: no parameter or
+checkpoint name is added; the release's `model.layers.{L+i}.embed_tokens.weight` duplicate has the same path).
+The output head is the main model's `lm_head` cell, which sits on the last stage with the blocks.
 """
 from mindspore import nn, ops
 
 from research.deepseek3.decoder import DecoderLayer
-from research.deepseek3.layers import Linear, RMSNorm
+from research.deepseek3.layers import Embedding, Linear, RMSNorm
 
 
 def shift_left(tensor, steps):
@@ -42,15 +47,20 @@ class SharedHead(nn.Cell):
 class MTPLayer(DecoderLayer):
     """A decoder block (always MoE) preceded by the embedding/hidden merge and followed by its own norm."""
 
-    def __init__(self, cfg, layer_index):
+    def __init__(self, cfg, layer_index, embedding_weight):
         super().__init__(cfg, layer_index)
+        self.embed_tokens = Embedding(cfg, shared_weight=embedding_weight)
         self.enorm = RMSNorm(cfg.hidden_size, cfg)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg, "mtp.eh_proj")
         self.shared_head = SharedHead(cfg)
+        self.merge_concat = ops.Concat(-1)
+        self.shard_ops = dict(self.shard_ops, merge_concat="mtp.concat")
 
-    def construct(self, embedded, previous_hidden, cos, sin, mask):
-        """-> (h^k before the norm, shared_head.norm(h^k), expert load, balance loss)."""
-        merged = self.eh_proj(ops.concat((self.enorm(embedded), self.hnorm(previous_hidden)), -1))
+    def construct(self, input_ids, previous_hidden, cos, sin, mask):
+        """input_ids: the tokens this block reads (already shifted) ->
+        (h^k before the norm, shared_head.norm(h^k), expert load, balance loss)."""
+        embedded = self.embed_tokens(input_ids)
+        merged = self.eh_proj(self.merge_concat((self.enorm(embedded), self.hnorm(previous_hidden))))
         hidden, load, balance = self.block(merged, cos, sin, mask)
         return hidden, self.shared_head(hidden), load, balance

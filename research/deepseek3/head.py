@@ -1,0 +1,107 @@
+"""The output head and its cross-entropy, computed in chunks of tokens one after the other.
+
+Why: the logits of one step are the largest tensors of the model (2048 tokens x 32000 vocab = 250 MB in fp32),
+and the cross-entropy's backward adds several more of that size. `HeadCrossEntropy` runs head matmul +
+log-softmax + pick per chunk of tokens, each chunk made to wait for the previous one (`ops.depend`; without it
+the graph may run every chunk's matmul first and hold them all).
+
+Measured on the CPU backend (GRAPH mode, 2048 tokens x 32000 vocab): for head + loss alone, forward + backward,
+the peak was 977 MiB one-shot, 574 MiB in 8 chunks, 357 MiB in 8 ordered chunks; in a whole training step of the
+4-layer benchmark model (benchmarks/bench_model_vs_hf.py) the step's peak RSS was 3293 MiB in one chunk and
+2912 MiB in 8 ordered chunks (3331 MiB before this module existed).
+Also measured and rejected: recomputing the chunks in backward and computing the gradient in the forward pass
+with a custom bprop (both used more memory on this backend), and a one-hot pick (an extra [tokens, vocab]).
+
+The per-token arithmetic is the same either way (matmul in the compute dtype, float32 log-softmax, gather of
+the label's log-probability); chunks only split the sum over tokens into partial sums.
+"""
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from research.deepseek3.layers import ms_dtype, normal_weight
+
+# Largest chunk of logits, in elements, computed at once (32 MB of fp32; None: one chunk); at most MAX_CHUNKS.
+CHUNK_ELEMENTS = 8 * 1024 * 1024
+MAX_CHUNKS = 16
+
+
+def loss_chunk_size(tokens, vocab_size, chunk_elements, max_chunks=MAX_CHUNKS):
+    """Rows per chunk so that [chunk, vocab] fits `chunk_elements`, with at most `max_chunks` chunks (the last
+    one may be shorter). Closed form: it runs while the graph is built, where loops would be unrolled."""
+    if not chunk_elements:
+        return tokens
+    chunks = min(max_chunks, max(1, -(-tokens * vocab_size // chunk_elements)))
+    return -(-tokens // chunks)
+
+
+class HeadCrossEntropy(nn.Cell):
+    """sum_t w_t * CE(tokens_t @ W^T, labels_t) in float32, chunk by chunk. Labels outside [0, vocab) must carry
+    weight 0. Parameter-free: the head weight is an input (the head cell owns or shares it)."""
+
+    def __init__(self, vocab_size, chunk_elements=CHUNK_ELEMENTS):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.chunk_elements = chunk_elements
+        self.logits_matmul = ops.MatMul(transpose_b=True)           # [c, H] x [V, H]^T
+        self.log_softmax = ops.LogSoftmax(-1)
+        self.pick = ops.GatherD()
+        self.shard_ops = {"logits_matmul": "lm_head", "log_softmax": "loss.log_softmax", "pick": "loss.nll_gather"}
+
+    def construct(self, tokens, weight, labels, weights):
+        count = tokens.shape[0]
+        chunk = loss_chunk_size(count, self.vocab_size, self.chunk_elements)
+        safe = ops.clamp(labels, 0, self.vocab_size - 1).reshape(-1, 1)
+        total = Tensor(0.0, ms.float32)
+        for start in range(0, count, chunk):
+            rows = ops.depend(tokens[start:start + chunk], total)   # run the chunks in order, one at a time
+            logits = self.logits_matmul(rows, weight)
+            if logits.dtype != ms.float32:
+                logits = ops.cast(logits, ms.float32)
+            picked = self.pick(self.log_softmax(logits), 1, safe[start:start + chunk]).reshape(-1)
+            total = total - (picked * weights[start:start + chunk]).sum()
+        return total
+
+
+class OutputHead(nn.Cell):
+    """Logits `hidden @ W^T` (kind `lm_head`) and the chunked cross-entropy over them.
+
+    Holds its own `weight` ([vocab, H], the untied `lm_head.weight`) or, with tied embeddings, the embedding
+    Parameter (shared, no extra parameter), so the head is a cell of its own that a pipeline stage can hold.
+    """
+
+    def __init__(self, cfg, shared_weight=None):
+        super().__init__()
+        if shared_weight is None:
+            shared_weight = normal_weight((cfg.vocab_size, cfg.hidden_size), cfg)
+        self.weight = shared_weight
+        self.vocab_size = cfg.vocab_size
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.shard_ops = {"matmul": "lm_head"}
+        self.cross_entropy = HeadCrossEntropy(cfg.vocab_size)
+
+    def _weight_and_tokens(self, hidden):
+        weight = self.weight
+        if weight.dtype != self.compute_dtype:
+            weight = ops.cast(weight, self.compute_dtype)
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        if tokens.dtype != self.compute_dtype:
+            tokens = ops.cast(tokens, self.compute_dtype)
+        return weight, tokens
+
+    def construct(self, hidden):
+        """hidden [B, S, H] -> float32 logits [B, S, vocab]."""
+        weight, tokens = self._weight_and_tokens(hidden)
+        logits = self.matmul(tokens, weight)
+        if logits.dtype != ms.float32:
+            logits = ops.cast(logits, ms.float32)
+        return logits.reshape(hidden.shape[:-1] + (self.vocab_size,))
+
+    def masked_cross_entropy(self, hidden, labels, loss_mask):
+        """Sum(mask * CE) / Sum(mask) in float32 over hidden [B, S, H], labels int [B, S], loss_mask [B, S]."""
+        weight, tokens = self._weight_and_tokens(hidden)
+        weights = ops.cast(loss_mask, ms.float32).reshape(-1)
+        total = self.cross_entropy(tokens, weight, labels.reshape(-1), weights)
+        denominator = weights.sum()
+        denominator = ops.select(denominator > 0, denominator, ops.ones_like(denominator))
+        return total / denominator
