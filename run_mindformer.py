@@ -132,8 +132,13 @@ def main(argv=None):
             raise ConfigError("run_mode (predict) is not served by run_mindformer.py in mindpretrain; use "
                               "tools/logits.py for inference with a trained checkpoint")
         output_dir = config["output_dir"]
+        pipeline = launch.pipeline_wrapping(plan, parallel_config,
+                                            (config.get("runner_config") or {}).get("gradient_accumulation_steps") or 1)
+        if pipeline is not None:
+            logger.info("pipeline parallel: %d stages, %d micro batches (%s + %s)", pipeline.stages,
+                        pipeline.micro_batch_num, pipeline.wrapper, pipeline.grad_reducer)
         trainer = Trainer(config, model, model_config, DataParallelInfo(plan.data_rank, plan.data_parallel, rank),
-                          output_dir)
+                          output_dir, pipeline=pipeline)
         summary = trainer.train(resume=bool(config.get("resume_training")),
                                 load_checkpoint=config.get("load_checkpoint") or None)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as error:

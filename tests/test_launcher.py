@@ -160,6 +160,25 @@ def test_ascend_switches_on_semi_auto_pipeline_and_optimizer_sharding():
         launch.plan_parallel("Ascend", True, 8, 0, pc)
 
 
+def test_pipeline_wrapping_only_for_ascend_pipeline_runs():
+    """Pipeline + PipelineGradReducer are chosen for semi-auto runs with pipeline_stage > 1 only,
+    with micro_batch_num from parallel_config (the wrapped cell itself: tests/test_train_pipeline.py)."""
+    pc = FakeParallelConfig(dp=4, mp=2, pp=2, ep=4, optimizer_shard=True, micro_batch_num=8)
+    wrapping = launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 16, 5, pc), pc)
+    assert wrapping == launch.PipelineWrapping(stages=2, micro_batch_num=8, optimizer_shard=True)
+    assert (wrapping.wrapper, wrapping.grad_reducer) == ("mindspore.parallel.nn.Pipeline",
+                                                   "mindspore.parallel.nn.PipelineGradReducer")
+    no_pipeline = FakeParallelConfig(dp=8, mp=2, micro_batch_num=8)
+    assert launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 16, 0, no_pipeline), no_pipeline) is None
+    assert launch.pipeline_wrapping(launch.plan_parallel("CPU", True, 2, 0, FakeParallelConfig()), None) is None
+    assert launch.pipeline_wrapping(launch.plan_parallel("CPU", False, 1, 0)) is None
+    too_few = FakeParallelConfig(dp=1, mp=1, pp=4, micro_batch_num=2)
+    with pytest.raises(ConfigError, match=r"micro_batch_num \(2\) must be at least pipeline_stage \(4\)"):
+        launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 4, 0, too_few), too_few)
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(2\) must be 1 with pipeline_stage > 1"):
+        launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 16, 0, pc), pc, accumulation_steps=2)
+
+
 def test_several_workers_without_use_parallel_is_an_error():
     with pytest.raises(ConfigError, match="use_parallel"):
         launch.plan_parallel("CPU", False, 2, 0)
@@ -206,5 +225,10 @@ def test_ascend_yamls_resolve_to_a_semi_auto_plan(name, devices):
     plan = launch.plan_parallel("Ascend", True, devices, 0, pc)
     assert plan.mode == launch.SEMI_AUTO_PARALLEL and plan.context["enable_parallel_optimizer"] is True
     assert plan.context["pipeline_stages"] == pc.pipeline_stage
+    wrapping = launch.pipeline_wrapping(plan, pc, settings.accumulation_steps)
+    if pc.pipeline_stage > 1:
+        assert (wrapping.stages, wrapping.micro_batch_num) == (pc.pipeline_stage, pc.micro_batch_num)
+    else:
+        assert wrapping is None
 
 

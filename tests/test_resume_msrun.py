@@ -110,6 +110,23 @@ def test_resume_under_msrun_reproduces_steps_7_to_12_bit_exactly(two_worker_run,
     assert os.path.isdir(resumed / "checkpoint" / "step_00000012")
 
 
+def test_float16_loss_scale_decisions_agree_across_ranks(data_prefix, tmp_path):
+    """float16 compute with dynamic loss scaling from 2^24 (real overflows): an overflow on any rank
+    reaches every rank through the gradient all-reduce, so both skip the same steps, run the same
+    scale sequence and keep bit-identical parameters."""
+    output = tmp_path / "fp16"
+    logs = launch_two_workers(data_prefix, output, "--runner_config.train_steps=6",
+                              "--+model.model_config.compute_dtype=float16",
+                              "--+runner_wrapper.scale_sense.loss_scale_value=16777216",
+                              "--+runner_wrapper.scale_sense.scale_window=2")
+    rank0, rank1 = read_metrics(output, 0), read_metrics(output, 1)
+    assert [m["loss_scale"] for m in rank0] == [m["loss_scale"] for m in rank1]
+    assert rank0[0]["loss_scale"] == 2 ** 24 and rank0[0]["overflow"] and not all(m["skipped"] for m in rank0)
+    for first, second in zip(rank0, rank1):
+        assert (first["skipped"], first["param_checksum"]) == (second["skipped"], second["param_checksum"])
+    assert "gradient overflow at loss scale" in logs
+
+
 def _worker_pid(marker, rank):
     """pid of the msrun worker of `rank` whose command line contains `marker` (Linux /proc)."""
     for entry in os.listdir("/proc"):

@@ -73,6 +73,36 @@ def plan_parallel(device_target, use_parallel, world_size, rank, parallel_config
                         context=context)
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineWrapping:
+    """How the train step wraps the network for pipeline parallelism (Ascend semi-auto only):
+    `mindspore.parallel.nn.Pipeline(network, micro_size=micro_batch_num)` for the forward and
+    `mindspore.parallel.nn.PipelineGradReducer(params, opt_shard=optimizer_shard)` on its gradients
+    (train_step.PipelineForwardBackwardCell)."""
+
+    stages: int
+    micro_batch_num: int
+    optimizer_shard: bool = False
+    wrapper: str = "mindspore.parallel.nn.Pipeline"
+    grad_reducer: str = "mindspore.parallel.nn.PipelineGradReducer"
+
+
+def pipeline_wrapping(plan, parallel_config=None, accumulation_steps=1):
+    """The pipeline wrapping this run needs, or None: only SEMI_AUTO_PARALLEL (Ascend) with
+    `pipeline_stage > 1` wraps; stand-alone and CPU data parallel never do."""
+    if plan.mode != SEMI_AUTO_PARALLEL or plan.pipeline_stages <= 1:
+        return None
+    require(parallel_config is not None, "parallel_config", None, "must be given for pipeline parallel training")
+    micro = parallel_config.micro_batch_num
+    require(isinstance(micro, int) and micro >= plan.pipeline_stages, "parallel_config.micro_batch_num", micro,
+            f"must be at least pipeline_stage ({plan.pipeline_stages}): MindSpore's Pipeline cell needs a micro "
+            "batch for every stage")
+    require(accumulation_steps == 1, "runner_config.gradient_accumulation_steps", accumulation_steps,
+            "must be 1 with pipeline_stage > 1: under pipeline parallelism parallel_config.micro_batch_num is "
+            "the gradient accumulation")
+    return PipelineWrapping(plan.pipeline_stages, micro, bool(plan.optimizer_shard))
+
+
 def default_device_target():
     """Ascend when the CANN runtime is installed (its env var or the standard path), else CPU."""
     if os.environ.get("ASCEND_HOME_PATH") or os.path.isdir("/usr/local/Ascend/ascend-toolkit"):

@@ -70,6 +70,7 @@ def format_step_line(metrics):
              f"mtp_loss {metrics['mtp_loss']:.4f}",
              f"lr {metrics['lr']:.3e}",
              f"grad_norm {metrics['grad_norm']:.4f}",
+             *([f"loss_scale {metrics['loss_scale']:g}"] if metrics.get("loss_scale") is not None else []),
              f"tokens/s {metrics['tokens_per_second']:.0f}",
              f"step_time {metrics['step_time']:.3f}s"]
     mfu = metrics.get("mfu")
@@ -78,6 +79,8 @@ def format_step_line(metrics):
         parts.append(f"expert_load max/mean {metrics['load_imbalance_max']:.2f} "
                      f"(layer avg {metrics['load_imbalance_mean']:.2f})")
     parts.append(f"eta {format_duration(metrics.get('eta'))}")
-    if metrics.get("skipped"):
+    if metrics.get("overflow"):
+        parts.append("SKIPPED (float16 gradient overflow: loss scale reduced)")
+    elif metrics.get("skipped"):
         parts.append("SKIPPED (non-finite loss or gradient)")
     return " | ".join(parts)

@@ -12,9 +12,16 @@ Model contract: `network(input_ids, labels, loss_mask)` returns
 `(loss, lm_loss, mtp_loss, balance_loss, expert_load)`; only `loss` is differentiated, and
 `expert_load` ([num_moe_layers, n_routed_experts], tokens routed per expert) is summed over micro
 batches and ranks, ready for the aux-loss-free bias update.
+
+Loss scaling (float16 compute, `mindpretrain.training.loss_scale`): with `loss_scaling=True` the
+differentiated output is `loss * loss_scale` and the gradients are multiplied by
+`1 / (micro batches x ranks x loss_scale)` before the norm, so the norm, clipping and update see
+unscaled gradients; an overflow shows as a non-finite norm. Without it the graph is the one
+without any scale at all (bfloat16/float32 runs are bit-for-bit what they were).
 """
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+from mindspore.parallel.nn import Pipeline, PipelineGradReducer
 
 _square_sum = ops.MultitypeFuncGraph("square_sum")
 
@@ -49,16 +56,31 @@ def _all_reduce_one(all_reduce, tensor):
     return all_reduce(tensor)
 
 
+class ScaledLossCell(nn.Cell):
+    """The model with its differentiated output multiplied by `loss_scale` (the unscaled loss and
+    the other outputs follow as auxiliary outputs, which value_and_grad does not differentiate)."""
+
+    def __init__(self, network):
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, input_ids, labels, loss_mask, loss_scale):
+        loss, lm_loss, mtp_loss, balance_loss, expert_load = self.network(input_ids, labels, loss_mask)
+        return loss * ops.cast(loss_scale, loss.dtype), loss, lm_loss, mtp_loss, balance_loss, expert_load
+
+
 class ForwardBackwardCell(nn.Cell):
-    """`(input_ids, labels, loss_mask)` of shape [A, B, S] (A micro batches) and this rank's
-    `stop_flag` (1.0 after SIGTERM) -> `(losses, expert_load, grad_norm, grads)`, where
+    """`(input_ids, labels, loss_mask)` of shape [A, B, S] (A micro batches), this rank's
+    `stop_flag` (1.0 after SIGTERM) and the `loss_scale` (float32 scalar, ignored unless
+    `loss_scaling`) -> `(losses, expert_load, grad_norm, grads)`, where
     losses = [loss, lm_loss, mtp_loss, balance_loss, stop] are averaged over the A micro batches
     and the `dp_size` ranks (stop > 0 when any rank wants to stop), expert_load is summed, and the
     gradients are averaged."""
 
-    def __init__(self, network, weights, accumulation_steps=1, dp_size=1):
+    def __init__(self, network, weights, accumulation_steps=1, dp_size=1, loss_scaling=False):
         super().__init__(auto_prefix=False)
-        self.network = network
+        self.loss_scaling = bool(loss_scaling)
+        self.network = ScaledLossCell(network) if self.loss_scaling else network
         self.weights = ms.ParameterTuple(weights)
         self.accumulation_steps = int(accumulation_steps)
         self.dp_size = int(dp_size)
@@ -68,29 +90,35 @@ class ForwardBackwardCell(nn.Cell):
         self.all_reduce = ops.AllReduce() if self.dp_size > 1 else None
         self.average = Tensor(1.0 / (self.accumulation_steps * self.dp_size), ms.float32)
 
-    def _micro_step(self, input_ids, labels, loss_mask):
-        outputs, grads = self.value_and_grad(input_ids, labels, loss_mask)
-        loss, lm_loss, mtp_loss, balance_loss, expert_load = outputs
+    def _micro_step(self, input_ids, labels, loss_mask, loss_scale):
+        if self.loss_scaling:
+            outputs, grads = self.value_and_grad(input_ids, labels, loss_mask, loss_scale)
+            _, loss, lm_loss, mtp_loss, balance_loss, expert_load = outputs
+        else:
+            outputs, grads = self.value_and_grad(input_ids, labels, loss_mask)
+            loss, lm_loss, mtp_loss, balance_loss, expert_load = outputs
         return loss, lm_loss, mtp_loss, balance_loss, expert_load, grads
 
-    def construct(self, input_ids, labels, loss_mask, stop_flag):
+    def construct(self, input_ids, labels, loss_mask, stop_flag, loss_scale):
         loss, lm_loss, mtp_loss, balance_loss, expert_load, grads = self._micro_step(
-            input_ids[0], labels[0], loss_mask[0])
+            input_ids[0], labels[0], loss_mask[0], loss_scale)
         for index in range(1, self.accumulation_steps):
-            more = self._micro_step(input_ids[index], labels[index], loss_mask[index])
+            more = self._micro_step(input_ids[index], labels[index], loss_mask[index], loss_scale)
             loss = loss + more[0]
             lm_loss = lm_loss + more[1]
             mtp_loss = mtp_loss + more[2]
             balance_loss = balance_loss + more[3]
             expert_load = expert_load + more[4]
             grads = self.hyper_map(_add, grads, more[5])
-        losses = ops.stack((loss, lm_loss, mtp_loss, balance_loss, stop_flag * self.accumulation_steps)).astype(ms.float32)
+        stop = stop_flag * self.accumulation_steps
+        losses = ops.stack((loss, lm_loss, mtp_loss, balance_loss, stop)).astype(ms.float32)
         expert_load = expert_load.astype(ms.float32)
         if self.dp_size > 1:
             grads = self.hyper_map(ops.partial(_all_reduce_sum, self.all_reduce), grads)
             losses = self.all_reduce(losses)
             expert_load = self.all_reduce(expert_load)
-        grads = self.hyper_map(ops.partial(_scale, self.average), grads)
+        grad_factor = self.average / loss_scale if self.loss_scaling else self.average
+        grads = self.hyper_map(ops.partial(_scale, grad_factor), grads)
         losses = losses * self.average
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         return losses, expert_load, grad_norm, grads
@@ -115,3 +143,72 @@ def clip_factor(grad_norm, max_grad_norm):
     if not max_grad_norm or max_grad_norm <= 0:
         return 1.0
     return min(1.0, float(max_grad_norm) / (float(grad_norm) + 1e-6))
+
+
+class PackedOutputCell(nn.Cell):
+    """The model's five outputs as one float32 vector `[loss, lm_loss, mtp_loss, balance_loss,
+    expert_load...]`, because MindSpore's Pipeline cell sums exactly one output over the micro
+    batches (its `pipeline_end` Add). The sens vector of the backward selects the first entry, so
+    only the loss is differentiated; the expert load is summed over micro batches, as wanted."""
+
+    def __init__(self, network):
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, input_ids, labels, loss_mask):
+        loss, lm_loss, mtp_loss, balance_loss, expert_load = self.network(input_ids, labels, loss_mask)
+        losses = ops.stack((loss, lm_loss, mtp_loss, balance_loss)).astype(ms.float32)
+        return ops.concat((losses, ops.stop_gradient(expert_load.astype(ms.float32).reshape(-1))))
+
+
+class PipelineForwardBackwardCell(nn.Cell):
+    """Forward/backward for Ascend pipeline parallelism (semi-auto, `pipeline_stage > 1`), with the
+    interface of ForwardBackwardCell: `(input_ids, labels, loss_mask)` of shape [1, N, S] (N = the
+    global batch, `full_batch`), `stop_flag`, `loss_scale` -> `(losses, expert_load, grad_norm, grads)`.
+
+    MindSpore 2.10's functional pipeline recipe: `mindspore.parallel.nn.Pipeline(network, micro_size)`
+    slices the batch into `micro_batch_num` micro batches and sums the outputs
+    (mindspore/parallel/nn/parallel_cell_wrapper.py, classes PipelineCell and Pipeline; the older
+    `mindspore.nn.PipelineCell` is marked for deprecation in favour of it), the gradient is taken of
+    that cell, and `mindspore.parallel.nn.PipelineGradReducer` returns the micro-batch-accumulated
+    gradients that the pipeline pass collected in its `accu_grads` buffers and zeroes them
+    (mindspore/parallel/nn/parallel_grad_reducer.py, class PipelineGradReducer). The loss scale
+    enters as the sens of the backward (as MindFormers' MFPipelineWithLossScaleCell does), and the
+    sum over micro batches is turned into a mean here. MindSpore inserts the data-parallel gradient
+    reduction itself in semi-auto mode, so none is added.
+
+    `grad_reducer=False` leaves the reducer out: stand-alone (CPU tests) has no pipeline pass to
+    fill `accu_grads`, and the gradients of the summed micro batches are then the direct ones.
+    """
+
+    def __init__(self, network, weights, micro_batch_num, load_shape, optimizer_shard=False, grad_reducer=True):
+        super().__init__(auto_prefix=False)
+        self.weights = ms.ParameterTuple(weights)
+        self.micro_batch_num = int(micro_batch_num)
+        self.pipeline = Pipeline(PackedOutputCell(network), self.micro_batch_num)
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.grad_reducer = (PipelineGradReducer(self.weights, scale_sense=1.0, opt_shard=bool(optimizer_shard))
+                             if grad_reducer else None)
+        self.load_shape = tuple(int(size) for size in load_shape)
+        self.average = Tensor(1.0 / self.micro_batch_num, ms.float32)
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, input_ids, labels, loss_mask, stop_flag, loss_scale):
+        input_ids, labels, loss_mask = input_ids[0], labels[0], loss_mask[0]
+        packed = self.pipeline(input_ids, labels, loss_mask)
+        sens = ops.concat((ops.reshape(loss_scale.astype(ms.float32), (1,)),
+                           ops.zeros((packed.shape[0] - 1,), ms.float32)))
+        grads = self.grad(self.pipeline, self.weights)(input_ids, labels, loss_mask, sens)
+        if self.grad_reducer is not None:
+            grads = self.grad_reducer(grads)
+        grads = self.hyper_map(ops.partial(_scale, self.average / loss_scale), grads)
+        losses = ops.concat((packed[:4] * self.average, ops.reshape(stop_flag, (1,))))
+        expert_load = ops.reshape(packed[4:], self.load_shape)
+        grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        return losses, expert_load, grad_norm, grads
+
+
+def expert_load_shape(model):
+    """[num_moe_layers, n_routed_experts] from the model's expert biases (one per MoE layer)."""
+    biases = list(model.moe_layer_biases()) if hasattr(model, "moe_layer_biases") else []
+    return (len(biases), int(biases[0].shape[0])) if biases else (0, 0)

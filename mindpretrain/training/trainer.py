@@ -7,7 +7,8 @@ parameters never diverge.
 
 The YAML sections read here are MindFormers': `runner_config` (batch_size = micro batch per
 rank, gradient_accumulation_steps, epochs, plus `train_steps`, `max_consecutive_nan_steps`,
-`data_exhausted`, `device_peak_tflops`), `runner_wrapper` (use_clip_grad, max_grad_norm),
+`data_exhausted`, `device_peak_tflops`), `runner_wrapper` (use_clip_grad, max_grad_norm,
+scale_sense: loss scaling for float16, see `loss_scale.py`),
 `optimizer`, `lr_schedule`, `train_dataset.data_loader`, `callbacks` (MFLossMonitor
 per_print_times, CheckpointMonitor save_checkpoint_steps / keep_checkpoint_max) and
 `tensorboard.tensorboard_dir`.
@@ -22,12 +23,14 @@ import numpy as np
 from mindpretrain.config import require
 from mindpretrain.training import checkpoint as ckpt
 from mindpretrain.training.data_stream import DataExhausted, DataStream
+from mindpretrain.training.loss_scale import build_loss_scaler
 from mindpretrain.training.lr_schedule import build_lr_schedule
 from mindpretrain.training.optimizer import build_optimizer
 from mindpretrain.training.progress import (StepTimer, expert_imbalance, flops_per_token_or_none,
                                             format_duration, format_step_line)
 from mindpretrain.training.signals import StopRequest
-from mindpretrain.training.train_step import ApplyUpdateCell, ForwardBackwardCell, clip_factor
+from mindpretrain.training.train_step import (ApplyUpdateCell, ForwardBackwardCell, PipelineForwardBackwardCell,
+                                              clip_factor, expert_load_shape)
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("train")
@@ -126,7 +129,8 @@ def model_parameters(model):
 
 
 class Trainer:
-    def __init__(self, config, model, model_config=None, dp=None, output_dir=None):
+    def __init__(self, config, model, model_config=None, dp=None, output_dir=None, pipeline=None):
+        """`pipeline`: a launch.PipelineWrapping (Ascend pipeline runs, from launch.pipeline_wrapping) or None."""
         import mindspore as ms
 
         self.ms = ms
@@ -148,13 +152,28 @@ class Trainer:
                            "weights themselves are not float32 (set model_config.param_init_type: float32 and "
                            "compute in compute_dtype)", ", ".join(low_precision))
         self.optimizer = build_optimizer(config.get("optimizer"), self.trainable)
-        self.forward_backward = ForwardBackwardCell(model, self.trainable, self.settings.accumulation_steps,
-                                                    self.dp.size)
+        self.loss_scaler = build_loss_scaler(config.get("runner_wrapper"),
+                                             getattr(model_config, "compute_dtype", None))
+        self.pipeline = pipeline
+        if pipeline is not None:
+            require(self.settings.accumulation_steps == 1 and self.dp.size == 1, "runner_config",
+                    {"gradient_accumulation_steps": self.settings.accumulation_steps, "dp": self.dp.size},
+                    "pipeline runs accumulate over parallel_config.micro_batch_num and let semi-auto parallel "
+                    "reduce gradients: use gradient_accumulation_steps 1")
+            self.forward_backward = PipelineForwardBackwardCell(model, self.trainable, pipeline.micro_batch_num,
+                                                                expert_load_shape(model), pipeline.optimizer_shard)
+            # MindSpore's pipeline example (PipelineGradReducer docstring) calls set_train() on the pipeline cell.
+            self.forward_backward.set_train(True)
+        else:
+            self.forward_backward = ForwardBackwardCell(model, self.trainable, self.settings.accumulation_steps,
+                                                        self.dp.size, loss_scaling=self.loss_scaler is not None)
         self.apply_update = ApplyUpdateCell(self.optimizer)
         self.step = 0
         self.consumed_samples = 0
         self.nan_in_a_row = 0
         self.skipped_steps = 0
+        self.last_loss_scale = None   # the scale the latest step ran with (logged)
+        self.last_overflow = False
         self.history = []
         self.stop_request = StopRequest()
 
@@ -203,6 +222,7 @@ class Trainer:
         state = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
                  "dp_size": self.dp.size, "samples_per_step": self.samples_per_step,
                  "rng": ckpt.capture_rng_state(),
+                 "loss_scale": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
                  "parameter_shapes": {name: list(shape) for name, shape in self.expected_shapes().items()}}
         directory = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.params,
                                          self.optimizer.state_parameters(), state, self.config.to_dict(),
@@ -244,8 +264,21 @@ class Trainer:
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         ckpt.restore_rng_state(state.get("rng"))
+        self._restore_loss_scale(state.get("loss_scale"), directory)
         logger.info("resumed from %s: step %d, %d samples consumed", directory, self.step, self.consumed_samples)
         return directory
+
+    def _restore_loss_scale(self, saved, directory):
+        if self.loss_scaler is None:
+            if saved:
+                logger.warning("checkpoint %s was trained with loss scaling (scale %s); this run configures none "
+                               "(runner_wrapper.scale_sense)", directory, saved.get("scale"))
+            return
+        if not saved:
+            logger.warning("checkpoint %s has no loss-scale state; starting from scale_sense's loss_scale_value %s",
+                           directory, self.loss_scaler.scale)
+            return
+        self.loss_scaler.load_state_dict(saved)
 
     def load_weights(self, path):
         """Model weights only (finetune / warm start): a native checkpoint or a Hugging Face directory."""
@@ -340,7 +373,7 @@ class Trainer:
                     logger.info("%s", format_step_line(metrics))
                 if writer is not None:
                     writer.add_scalars({key: metrics[key] for key in ("loss", "lm_loss", "mtp_loss", "lr",
-                                                                       "grad_norm", "tokens_per_second")
+                                                                       "grad_norm", "tokens_per_second", "loss_scale")
                                         if metrics.get(key) is not None}, self.step)
                 if self.nan_in_a_row >= settings.max_nan_steps:
                     raise TrainingError(f"stopping: {self.nan_in_a_row} consecutive steps had a non-finite loss "
@@ -371,15 +404,31 @@ class Trainer:
         """
         ms = self.ms
         stop_flag = ms.Tensor(1.0 if self.stop_request.requested else 0.0, ms.float32)
+        scaler = self.loss_scaler
+        loss_scale = ms.Tensor(scaler.scale if scaler is not None else 1.0, ms.float32)
         losses, expert_load, grad_norm, grads = self.forward_backward(*(ms.Tensor(array) for array in batch),
-                                                                      stop_flag)
+                                                                      stop_flag, loss_scale)
         losses = losses.asnumpy()
         stop_everywhere = bool(losses[4] > 0)
         losses = losses[:4]
         grad_norm = float(grad_norm.asnumpy())
         expert_load = expert_load.asnumpy()
-        lr = schedule(self.step)
+        # The schedule advances with applied updates only, as MindFormers' optimizer global_step and
+        # Megatron's scheduler do: a skipped step (overflow or NaN) leaves the learning rate where it was.
+        lr = schedule(self.step - self.skipped_steps)
         finite = bool(np.all(np.isfinite(losses)) and math.isfinite(grad_norm))
+        if scaler is not None:
+            # A finite loss with non-finite gradients is a float16 overflow of the scaled backward:
+            # shrink the scale and skip, without counting towards the NaN limit while shrinking can help.
+            overflow = not finite and bool(np.all(np.isfinite(losses))) and not scaler.at_minimum
+            scale_used = self.last_loss_scale = scaler.scale
+            scaler.update(not finite)
+            self.last_overflow = overflow
+            if overflow:
+                self.skipped_steps += 1
+                logger.warning("step %d: gradient overflow at loss scale %g; update skipped, loss scale now %g",
+                               self.step + 1, scale_used, scaler.scale)
+                return losses, lr, grad_norm, expert_load, False, stop_everywhere
         if finite:
             self.apply_update(ms.mutable(grads), ms.Tensor(lr, ms.float32),
                               ms.Tensor(clip_factor(grad_norm, self.settings.max_grad_norm), ms.float32))
@@ -418,7 +467,9 @@ class Trainer:
         if flops_per_token and peak:
             mfu = tokens_per_second * flops_per_token / peak
         imbalance_max, imbalance_mean = expert_imbalance(expert_load)
-        return {"step": self.step, "total_steps": total_steps, "loss": float(losses[0]),
+        scale = ({"loss_scale": self.last_loss_scale, "overflow": self.last_overflow}
+                 if self.loss_scaler is not None else {})
+        return {**scale, "step": self.step, "total_steps": total_steps, "loss": float(losses[0]),
                 "lm_loss": float(losses[1]), "mtp_loss": float(losses[2]), "balance_loss": float(losses[3]),
                 "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
                 "step_time": step_time, "mfu": mfu, "load_imbalance_max": imbalance_max,

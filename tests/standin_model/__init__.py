@@ -15,11 +15,13 @@ from mindpretrain.registry import register
 @register("config")
 class StandInConfig:
     def __init__(self, vocab_size=256, hidden_size=16, n_routed_experts=4, num_experts_per_tok=1,
-                 num_moe_layers=1, topk_bias_update_rate=0.001, mtp_loss_factor=0.3, seed=0, **unused):
+                 num_moe_layers=1, topk_bias_update_rate=0.001, mtp_loss_factor=0.3, seed=0,
+                 compute_dtype="float32", **unused):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.n_routed_experts, self.num_experts_per_tok = n_routed_experts, num_experts_per_tok
         self.num_moe_layers, self.topk_bias_update_rate = num_moe_layers, topk_bias_update_rate
         self.mtp_loss_factor, self.seed = mtp_loss_factor, seed
+        self.compute_dtype = compute_dtype   # "float16": matmuls in float16 (loss-scaling tests)
 
 
 @register("model")
@@ -40,6 +42,15 @@ class StandInMoE(nn.Cell):
         self.head = Parameter(Tensor(rng.normal(0, 0.1, (vocab, hidden)).astype(np.float32)), name="lm_head.weight")
         self.ce = nn.CrossEntropyLoss(reduction="none")
         self.experts = experts
+        self.half = cfg.compute_dtype == "float16"
+
+    def _compute(self, tensor):
+        """float32 master weights/activations -> the compute dtype (a no-op graph in float32)."""
+        return ops.cast(tensor, ms.float16) if self.half else tensor
+
+    def _logits(self, hidden):
+        logits = ops.matmul(self._compute(hidden), self._compute(self.head).T)
+        return ops.cast(logits, ms.float32) if self.half else logits
 
     def _loss(self, logits, labels, mask):
         vocab = logits.shape[-1]
@@ -59,12 +70,12 @@ class StandInMoE(nn.Cell):
         expert_weight = expert_weight.reshape(input_ids.shape + (self.up.shape[1], self.up.shape[2]))
         expert_out = ops.tanh(ops.squeeze(ops.matmul(hidden.expand_dims(-2), expert_weight), -2))
         hidden = hidden + weight * expert_out
-        logits = ops.matmul(hidden, self.head.T)
+        logits = self._logits(hidden)
         if labels is None:
             return logits
         lm_loss = self._loss(logits, labels, loss_mask)
         # "MTP": a second head on the same hidden states (no slicing: keeps the stand-in's kernels simple)
-        mtp_loss = self._loss(ops.matmul(ops.tanh(hidden), self.head.T), labels, loss_mask)
+        mtp_loss = self._loss(self._logits(ops.tanh(hidden)), labels, loss_mask)
         balance = ops.zeros((), ms.float32)
         load = ops.reduce_sum(one_hot.reshape(-1, self.experts), 0).reshape(1, -1)
         return lm_loss + self.cfg.mtp_loss_factor * mtp_loss, lm_loss, mtp_loss, balance, load
