@@ -42,6 +42,31 @@ def require_reference(module):
                     "bash scripts/run_tests.sh installs it")
 
 
+STANDIN_MODEL = PROJECT_ROOT / "tests" / "standin_model"
+STANDIN_VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def standin_graph_mode():
+    """GRAPH mode with the stand-in model registered: the trainer tests' model, cheap to compile."""
+    import mindspore
+
+    import mindpretrain.data.loader  # noqa: F401  (registers the data loader)
+    import mindpretrain.training  # noqa: F401  (registers the optimizer and LR schedules)
+    from mindpretrain import registry
+
+    registry.import_register_path(str(STANDIN_MODEL))
+    mindspore.set_context(mode=mindspore.GRAPH_MODE)
+
+
+@pytest.fixture(scope="module")
+def standin_corpus(tmp_path_factory):
+    """A synthetic BIN dataset of STANDIN_VOCAB tokens for the trainer tests."""
+    folder = tmp_path_factory.mktemp("data")
+    return write_dataset(folder / "synthetic", random_documents(7, 60, max_length=300, vocab=STANDIN_VOCAB,
+                                                                allow_empty=False))
+
+
 @pytest.fixture(scope="session")
 def wikitext_valid():
     return shared_path("data", "wikitext-2", "valid.txt")

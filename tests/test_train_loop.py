@@ -12,40 +12,24 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, random_documents, write_dataset
+from conftest import STANDIN_MODEL, STANDIN_VOCAB, write_dataset
 
 ms = pytest.importorskip("mindspore")
 
-from mindpretrain import registry  # noqa: E402
 from mindpretrain.config import ConfigError, load_config  # noqa: E402
 from mindpretrain.training import checkpoint as ckpt  # noqa: E402
 from mindpretrain.training import launch  # noqa: E402
 from mindpretrain.training.trainer import Trainer, TrainingError  # noqa: E402
 
-STANDIN = PROJECT_ROOT / "tests" / "standin_model"
-VOCAB = 256
+STANDIN = STANDIN_MODEL
+VOCAB = STANDIN_VOCAB
+
+pytestmark = pytest.mark.usefixtures("standin_graph_mode")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    import mindpretrain.data.loader  # noqa: F401
-    import mindpretrain.training  # noqa: F401
-
-    registry.import_register_path(str(STANDIN))
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-
-
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    return write_dataset(folder / "synthetic", random_documents(7, 60, max_length=300, vocab=VOCAB,
-                                                                allow_empty=False))
-
-
-def make_config(data_prefix, *overrides):
+def make_config(standin_corpus, *overrides):
     return load_config(str(STANDIN / "train.yaml"), [
-        f"train_dataset.data_loader.config.data_path=[{data_prefix}]",
+        f"train_dataset.data_loader.config.data_path=[{standin_corpus}]",
         f"model.model_config.vocab_size={VOCAB}", *overrides])
 
 
@@ -61,10 +45,10 @@ def params_of(trainer):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_prefix, tmp_path_factory):
+def uninterrupted(standin_corpus, tmp_path_factory):
     """12 steps with checkpoints every 6 (the reference every resume test compares against)."""
     output = tmp_path_factory.mktemp("run12")
-    trainer = make_trainer(make_config(data_prefix), output)
+    trainer = make_trainer(make_config(standin_corpus), output)
     summary = trainer.train()
     return trainer, summary, output
 
@@ -80,11 +64,11 @@ def test_loss_decreases_and_checkpoints_are_kept(uninterrupted):
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
 
 
-def test_resume_from_step_6_matches_uninterrupted_run_to_the_bit(uninterrupted, data_prefix, tmp_path):
+def test_resume_from_step_6_matches_uninterrupted_run_to_the_bit(uninterrupted, standin_corpus, tmp_path):
     reference, _, output = uninterrupted
     # a run that stopped after step 6: only its step-6 checkpoint exists
     shutil.copytree(output / "checkpoint" / "step_00000006", tmp_path / "checkpoint" / "step_00000006")
-    resumed = make_trainer(make_config(data_prefix), tmp_path)
+    resumed = make_trainer(make_config(standin_corpus), tmp_path)
     summary = resumed.train(resume=True)
     assert summary["steps"] == 12
     assert [m["step"] for m in resumed.history] == list(range(7, 13))
@@ -110,8 +94,8 @@ def test_expert_bias_of_overloaded_expert_goes_down(uninterrupted):
     assert np.allclose(moved, np.round(moved), atol=1e-3) and moved.max() > 0
 
 
-def test_nan_steps_are_skipped_then_training_stops(data_prefix, tmp_path, monkeypatch):
-    trainer = make_trainer(make_config(data_prefix, "runner_config.max_consecutive_nan_steps=2",
+def test_nan_steps_are_skipped_then_training_stops(standin_corpus, tmp_path, monkeypatch):
+    trainer = make_trainer(make_config(standin_corpus, "runner_config.max_consecutive_nan_steps=2",
                                        "runner_config.train_steps=8"), tmp_path)
     original = trainer.forward_backward
     poisoned_steps = {2, 4, 5}
@@ -136,15 +120,15 @@ def test_nan_steps_are_skipped_then_training_stops(data_prefix, tmp_path, monkey
     assert any(not np.array_equal(snapshots[4][name], snapshots[3][name]) for name in snapshots[3])
 
 
-def test_refuses_checkpoint_of_another_model_shape(uninterrupted, data_prefix, tmp_path):
+def test_refuses_checkpoint_of_another_model_shape(uninterrupted, standin_corpus, tmp_path):
     _, _, output = uninterrupted
-    other = make_trainer(make_config(data_prefix, "model.model_config.hidden_size=8"), tmp_path)
+    other = make_trainer(make_config(standin_corpus, "model.model_config.hidden_size=8"), tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=r"(?s)does not fit this model.*model.embed_tokens.weight: shape "
                                                     r"\[256, 16\] in the checkpoint, \[256, 8\] in the model"):
         other.resume(str(output / "checkpoint"))
 
 
-def test_truncated_only_checkpoint_is_refused_and_corrupt_newest_falls_back(uninterrupted, data_prefix,
+def test_truncated_only_checkpoint_is_refused_and_corrupt_newest_falls_back(uninterrupted, standin_corpus,
                                                                              tmp_path, caplog):
     _, _, output = uninterrupted
     root = tmp_path / "checkpoint"
@@ -152,7 +136,7 @@ def test_truncated_only_checkpoint_is_refused_and_corrupt_newest_falls_back(unin
     model_file = root / "step_00000012" / ckpt.MODEL_FILE
     with open(model_file, "r+b") as handle:
         handle.truncate(os.path.getsize(model_file) - 100)
-    trainer = make_trainer(make_config(data_prefix), tmp_path)
+    trainer = make_trainer(make_config(standin_corpus), tmp_path)
     with caplog.at_level("WARNING", logger="mindpretrain"):
         used = trainer.resume(str(root))
     assert used.endswith("step_00000006") and trainer.step == 6
@@ -165,8 +149,8 @@ def test_truncated_only_checkpoint_is_refused_and_corrupt_newest_falls_back(unin
         ckpt.verify_checkpoint(str(root / "step_00000012"))
 
 
-def test_sigterm_finishes_the_step_saves_and_stops(data_prefix, tmp_path, monkeypatch):
-    trainer = make_trainer(make_config(data_prefix), tmp_path)
+def test_sigterm_finishes_the_step_saves_and_stops(standin_corpus, tmp_path, monkeypatch):
+    trainer = make_trainer(make_config(standin_corpus), tmp_path)
     original = trainer._make_stream
 
     def make_stream(total_steps):
@@ -211,10 +195,10 @@ def test_data_exhausted_stops_with_message_or_wraps(tmp_path, caplog):
     np.testing.assert_array_equal(stream.next_step()[0], first[0])  # step 3 starts epoch 2: step 1's batch
 
 
-def test_tensorboard_event_file_has_every_step(data_prefix, tmp_path):
+def test_tensorboard_event_file_has_every_step(standin_corpus, tmp_path):
     from mindpretrain.training.tensorboard import read_scalars
 
-    config = make_config(data_prefix, "runner_config.train_steps=3", f"tensorboard.tensorboard_dir={tmp_path}/tb")
+    config = make_config(standin_corpus, "runner_config.train_steps=3", f"tensorboard.tensorboard_dir={tmp_path}/tb")
     trainer = make_trainer(config, tmp_path)
     trainer.train()
     (event_file,) = (tmp_path / "tb").iterdir()
@@ -223,27 +207,27 @@ def test_tensorboard_event_file_has_every_step(data_prefix, tmp_path):
     assert events[0][1]["loss"] == pytest.approx(trainer.history[0]["loss"], rel=1e-6)
 
 
-def test_settings_are_validated_before_training(data_prefix):
+def test_settings_are_validated_before_training(standin_corpus):
     with pytest.raises(ConfigError, match=r"runner_config.batch_size \(0\) must be a positive integer"):
-        make_trainer(make_config(data_prefix, "runner_config.batch_size=0"), "/nonexistent")
+        make_trainer(make_config(standin_corpus, "runner_config.batch_size=0"), "/nonexistent")
     with pytest.raises(ConfigError, match="data_exhausted"):
-        make_trainer(make_config(data_prefix, "runner_config.data_exhausted=loop"), "/nonexistent")
+        make_trainer(make_config(standin_corpus, "runner_config.data_exhausted=loop"), "/nonexistent")
 
 
-def test_load_checkpoint_takes_weights_only(uninterrupted, data_prefix, tmp_path):
+def test_load_checkpoint_takes_weights_only(uninterrupted, standin_corpus, tmp_path):
     reference, _, output = uninterrupted
-    finetune = make_trainer(make_config(data_prefix, "runner_config.train_steps=1"), tmp_path)
+    finetune = make_trainer(make_config(standin_corpus, "runner_config.train_steps=1"), tmp_path)
     finetune.load_weights(str(output / "checkpoint" / "step_00000012"))
     for name, param in finetune.params.items():
         np.testing.assert_array_equal(param.asnumpy(), reference.params[name].asnumpy(), err_msg=name)
     assert finetune.step == 0 and float(finetune.optimizer.adam_step.asnumpy()[0]) == 0.0
 
 
-def test_gradient_accumulation_equals_the_larger_batch(data_prefix, tmp_path):
+def test_gradient_accumulation_equals_the_larger_batch(standin_corpus, tmp_path):
     """2 micro batches of 1 sample accumulate to the same update as one batch of 2 samples."""
     runs = []
     for batch, accumulation in ((2, 1), (1, 2)):
-        config = make_config(data_prefix, "runner_config.train_steps=3", f"runner_config.batch_size={batch}",
+        config = make_config(standin_corpus, "runner_config.train_steps=3", f"runner_config.batch_size={batch}",
                              f"runner_config.gradient_accumulation_steps={accumulation}")
         trainer = make_trainer(config, tmp_path / f"b{batch}a{accumulation}")
         trainer.train()
@@ -256,8 +240,8 @@ def test_gradient_accumulation_equals_the_larger_batch(data_prefix, tmp_path):
         np.testing.assert_allclose(accumulated.params[name].asnumpy(), param.asnumpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_sequence_longer_than_the_model_is_refused(data_prefix):
-    config = make_config(data_prefix)
+def test_sequence_longer_than_the_model_is_refused(standin_corpus):
+    config = make_config(standin_corpus)
     model_config, model = launch.build_model(config, "CPU")
     model_config.seq_length = 16
     with pytest.raises(ConfigError, match=r"seq_length \(32\) must not exceed model.model_config.seq_length \(16\)"):

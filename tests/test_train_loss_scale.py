@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, random_documents, write_dataset
+from conftest import PROJECT_ROOT, STANDIN_MODEL, STANDIN_VOCAB
 
 ms = pytest.importorskip("mindspore")
 
@@ -22,31 +22,17 @@ from mindpretrain.training.lr_schedule import build_lr_schedule  # noqa: E402
 from mindpretrain.training.progress import format_step_line  # noqa: E402
 from mindpretrain.training.trainer import Trainer  # noqa: E402
 
-STANDIN = PROJECT_ROOT / "tests" / "standin_model"
-VOCAB = 256
+STANDIN = STANDIN_MODEL
+VOCAB = STANDIN_VOCAB
 DYNAMIC = "{{type: DynamicLossScaleUpdateCell, loss_scale_value: {value}, scale_factor: 2, scale_window: {window}}}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    import mindpretrain.data.loader  # noqa: F401
-    import mindpretrain.training  # noqa: F401
-
-    registry.import_register_path(str(STANDIN))
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+pytestmark = pytest.mark.usefixtures("standin_graph_mode")
 
 
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    return write_dataset(folder / "synthetic", random_documents(7, 60, max_length=300, vocab=VOCAB,
-                                                                allow_empty=False))
-
-
-def make_trainer(data_prefix, output_dir, *overrides, half=True):
+def make_trainer(standin_corpus, output_dir, *overrides, half=True):
     config = load_config(str(STANDIN / "train.yaml"), [
-        f"train_dataset.data_loader.config.data_path=[{data_prefix}]", f"model.model_config.vocab_size={VOCAB}",
+        f"train_dataset.data_loader.config.data_path=[{standin_corpus}]", f"model.model_config.vocab_size={VOCAB}",
         *(["+model.model_config.compute_dtype=float16"] if half else []), *overrides])
     model_config, model = launch.build_model(config, "CPU")
     return Trainer(config, model, model_config, output_dir=str(output_dir))
@@ -108,12 +94,12 @@ def test_scale_sense_forms_of_the_yaml():
 # --- float16 runs ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def overflowing_run(data_prefix, tmp_path_factory):
+def overflowing_run(standin_corpus, tmp_path_factory):
     """12 float16 steps starting at scale 2^24, where the float16 logit gradients (~scale / tokens)
     overflow, window 3, checkpoints at 6 and 12; one non-finite step in a row would stop a run
     (max_consecutive_nan_steps=1), so overflows must not count as NaN steps."""
     output = tmp_path_factory.mktemp("fp16")
-    trainer = make_trainer(data_prefix, output, "runner_config.max_consecutive_nan_steps=1",
+    trainer = make_trainer(standin_corpus, output, "runner_config.max_consecutive_nan_steps=1",
                            "+runner_wrapper.scale_sense=" + DYNAMIC.format(value=2 ** 24, window=3))
     summary = trainer.train()
     return trainer, summary, output
@@ -138,14 +124,14 @@ def test_real_float16_overflow_shrinks_then_the_scale_regrows(overflowing_run):
     assert state["loss_scale"] == trainer.loss_scaler.state_dict()
 
 
-def test_resume_across_scale_changes_matches_the_uninterrupted_run(overflowing_run, data_prefix, tmp_path):
+def test_resume_across_scale_changes_matches_the_uninterrupted_run(overflowing_run, standin_corpus, tmp_path):
     reference, _, output = overflowing_run
     step6 = output / "checkpoint" / "step_00000006"
     saved_scale = json.loads((step6 / ckpt.STATE_FILE).read_text())["loss_scale"]
     assert saved_scale["scale"] != 2 ** 24  # the scale moved before the checkpoint
     assert saved_scale["scale"] == reference.history[6]["loss_scale"]
     shutil.copytree(step6, tmp_path / "checkpoint" / "step_00000006")
-    resumed = make_trainer(data_prefix, tmp_path, "runner_config.max_consecutive_nan_steps=1",
+    resumed = make_trainer(standin_corpus, tmp_path, "runner_config.max_consecutive_nan_steps=1",
                            "+runner_wrapper.scale_sense=" + DYNAMIC.format(value=2 ** 24, window=3))
     resumed.train(resume=True)
     assert [m["step"] for m in resumed.history] == list(range(7, 13))
@@ -158,11 +144,11 @@ def test_resume_across_scale_changes_matches_the_uninterrupted_run(overflowing_r
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
-def test_injected_overflow_skips_the_update_and_halves_then_grows(data_prefix, tmp_path, monkeypatch):
+def test_injected_overflow_skips_the_update_and_halves_then_grows(standin_corpus, tmp_path, monkeypatch):
     """Scale 1024 never overflows here; steps 2 and 7 get a scale of 2^40 fed into the compiled step
     (a real float16 overflow in the backward). Window 3: the scale halves at each and doubles back
     after three clean steps."""
-    trainer = make_trainer(data_prefix, tmp_path, "runner_config.train_steps=11",
+    trainer = make_trainer(standin_corpus, tmp_path, "runner_config.train_steps=11",
                            "+runner_wrapper.scale_sense=" + DYNAMIC.format(value=1024, window=3))
     original = trainer.forward_backward
     before = {}
@@ -192,12 +178,12 @@ def test_injected_overflow_skips_the_update_and_halves_then_grows(data_prefix, t
     assert trainer.nan_in_a_row == 0
 
 
-def test_scaled_float16_gradients_reach_the_optimizer_unscaled(data_prefix, tmp_path):
+def test_scaled_float16_gradients_reach_the_optimizer_unscaled(standin_corpus, tmp_path):
     """float16 at scale 1024 trains like float32 without scaling: same losses and gradient norms to
     float16 accuracy (a missing unscale would make the norm 1024 times larger)."""
-    half = make_trainer(data_prefix, tmp_path / "half", "runner_config.train_steps=3",
+    half = make_trainer(standin_corpus, tmp_path / "half", "runner_config.train_steps=3",
                         "+runner_wrapper.scale_sense=" + DYNAMIC.format(value=1024, window=1000))
-    full = make_trainer(data_prefix, tmp_path / "full", "runner_config.train_steps=3", half=False)
+    full = make_trainer(standin_corpus, tmp_path / "full", "runner_config.train_steps=3", half=False)
     half.train()
     full.train()
     for scaled, reference in zip(half.history, full.history):
@@ -206,13 +192,13 @@ def test_scaled_float16_gradients_reach_the_optimizer_unscaled(data_prefix, tmp_
                                    [reference["lm_loss"], reference["grad_norm"]], rtol=1e-3)
 
 
-def test_tiny_deepseek_v3_in_float16_overflows_and_recovers(data_prefix, tmp_path):
+def test_tiny_deepseek_v3_in_float16_overflows_and_recovers(standin_corpus, tmp_path):
     """The real tiny DeepSeek-V3 computing in float16: started at 2^21 with scale_window 1, the scale
     falls until the float16 backward fits and then oscillates around the largest scale that does,
     exactly by MindSpore's rule, with every applied step finite."""
     registry.import_register_path(str(PROJECT_ROOT / "research" / "deepseek3"))
     config = load_config(str(PROJECT_ROOT / "configs" / "deepseek3" / "pretrain_deepseek3_tiny_cpu.yaml"), [
-        f"train_dataset.data_loader.config.data_path=[{data_prefix}]", "train_dataset.data_loader.config.seq_length=32",
+        f"train_dataset.data_loader.config.data_path=[{standin_corpus}]", "train_dataset.data_loader.config.seq_length=32",
         "runner_config.train_steps=8", "runner_config.batch_size=2", "model.model_config.compute_dtype=float16",
         "runner_config.max_consecutive_nan_steps=1", "callbacks.1.save_checkpoint_steps=100",
         "+runner_wrapper.scale_sense=" + DYNAMIC.format(value=2 ** 21, window=1)])

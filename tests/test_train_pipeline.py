@@ -9,7 +9,7 @@ buffers), so here it is only constructed. Nothing in this file ran on Ascend.
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, random_documents, write_dataset
+from conftest import PROJECT_ROOT, STANDIN_MODEL, random_documents, write_dataset
 
 ms = pytest.importorskip("mindspore")
 
@@ -22,18 +22,10 @@ from mindpretrain.training.train_step import (ForwardBackwardCell, PipelineForwa
                                               expert_load_shape)
 from mindpretrain.training.trainer import Trainer  # noqa: E402
 
-STANDIN = PROJECT_ROOT / "tests" / "standin_model"
+STANDIN = STANDIN_MODEL
 VOCAB = 64
 
-
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    import mindpretrain.data.loader  # noqa: F401
-    import mindpretrain.training  # noqa: F401
-
-    registry.import_register_path(str(STANDIN))
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+pytestmark = pytest.mark.usefixtures("standin_graph_mode")
 
 
 def standin(**overrides):
