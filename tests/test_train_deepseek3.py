@@ -19,7 +19,6 @@ STEPS, SAVE_AT = 8, 4
 
 @pytest.fixture(scope="module")
 def wikitext_prefix(tmp_path_factory):
-    from mindpretrain.data.wikitext import read_articles  # noqa: F401  (fails early if the data code is absent)
     from research.deepseek3 import wikitext_to_bin
 
     source = shared_path("data", "wikitext-2", "valid.txt")
