@@ -517,3 +517,30 @@ def test_register_path_registers_one_set_of_classes():
     values = yaml_model_config(CONFIG_TINY)
     cfg = registry.build("config", dict(values, type="DeepseekV3Config"))
     assert cfg.hidden_size == 64 and cfg.vocab_size == 129280
+
+
+def test_recomputing_attention_core_gradients_equal_autodiff():
+    """The CPU attention core's hand-written backward (mla.RecomputingAttentionCore) against autodiff of the same
+    forward (mla.AttentionCore, the Ascend core): equal outputs, and gradients of q, k, v equal up to float32
+    summation order."""
+    from research.deepseek3.mla import AttentionCore, RecomputingAttentionCore, causal_mask
+
+    cfg = DeepseekV3Config(**TINY)
+    rng = np.random.RandomState(11)
+    batch, heads, seq = 2, cfg.num_attention_heads, cfg.seq_length
+    query, key = (Tensor(rng.randn(batch, heads, seq, cfg.qk_head_dim).astype(np.float32)) for _ in range(2))
+    value = Tensor(rng.randn(batch, heads, seq, cfg.v_head_dim).astype(np.float32))
+    weights = Tensor(rng.randn(batch, heads, seq, cfg.v_head_dim).astype(np.float32))
+    mask = causal_mask(seq)
+    results = []
+    for core in (AttentionCore(cfg), RecomputingAttentionCore(cfg)):
+        def objective(q, k, v, core=core):
+            return (core(q, k, v, mask) * weights).sum()
+
+        value_out, grads = ms.value_and_grad(objective, grad_position=(0, 1, 2))(query, key, value)
+        results.append((float(value_out.asnumpy()), [grad.asnumpy() for grad in grads]))
+    (reference, reference_grads), (value_out, grads) = results
+    assert value_out == pytest.approx(reference, rel=1e-6)
+    for name, expected, actual in zip(("query", "key", "value"), reference_grads, grads):
+        assert np.abs(expected).max() > 1e-2, name          # the comparison is not between zeros
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -9,6 +9,10 @@ Measured on the CPU backend (GRAPH mode, 2048 tokens x 32000 vocab): for head + 
 the peak was 977 MiB one-shot, 574 MiB in 8 chunks, 357 MiB in 8 ordered chunks; in a whole training step of the
 4-layer benchmark model (benchmarks/bench_model_vs_hf.py) the step's peak RSS was 3293 MiB in one chunk and
 2912 MiB in 8 ordered chunks (3331 MiB before this module existed).
+Chunk size, whole step of that benchmark (before the dS split in mla.py, one run each, peak RSS): 4 M elements per
+chunk (16 chunks) 3233 MiB, 8 M (8 chunks) 2920, 12 M 2875, 16 M (4 chunks) 2864, 24 M 2882, 32 M (2 chunks) 2972;
+step time the same within noise. Smaller chunks are not cheaper overall because every chunk leaves its own
+[vocab, H] partial weight gradient, all summed at the end (AddN), so the default is 16 M elements (64 MB of fp32).
 Also measured and rejected: recomputing the chunks in backward and computing the gradient in the forward pass
 with a custom bprop (both used more memory on this backend), and a one-hot pick (an extra [tokens, vocab]).
 
@@ -20,8 +24,8 @@ from mindspore import Tensor, nn, ops
 
 from research.deepseek3.layers import ms_dtype, normal_weight
 
-# Largest chunk of logits, in elements, computed at once (32 MB of fp32; None: one chunk); at most MAX_CHUNKS.
-CHUNK_ELEMENTS = 8 * 1024 * 1024
+# Largest chunk of logits, in elements, computed at once (64 MB of fp32; None: one chunk); at most MAX_CHUNKS.
+CHUNK_ELEMENTS = 16 * 1024 * 1024
 MAX_CHUNKS = 16
 
 

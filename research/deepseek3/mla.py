@@ -8,7 +8,8 @@ Per token x [H]:
   score  = [q_nope | rope(q_rope)] . [k_nope | rope(kr)] * softmax_scale   (causal, softmax in fp32)
   out    = o_proj(concat_heads(softmax(score) v))
 Parameter names are the HF ones (`self_attn.q_a_proj.weight`, ...). The score/softmax/context part is its own
-parameter-free cell (`core`) so selective recompute can recompute exactly the S x S part.
+parameter-free cell (`core`, see `attention_core`) so selective recompute can recompute exactly the S x S part: on Ascend the
+autodiff `AttentionCore`, elsewhere `RecomputingAttentionCore`, whose hand-written backward is cheaper on CPU.
 Projections, the q/k concatenations, the score/context batch matmuls, the scale, the mask add and the softmax
 are primitives declared in `shard_ops` (see layers.py); RoPE and the shared-key broadcast are left to sharding
 propagation.
@@ -33,7 +34,8 @@ def causal_mask(seq_length):
 
 
 class AttentionCore(nn.Cell):
-    """softmax(q k^T * scale + mask) v, the softmax in `softmax_compute_type`."""
+    """softmax(q k^T * scale + mask) v, the softmax in `softmax_compute_type`. Autodiff backward (used where the
+    parallel plan shards these primitives, i.e. Ascend; see `RecomputingAttentionCore` for the other devices)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -49,7 +51,8 @@ class AttentionCore(nn.Cell):
                           "mask_add": "attention.mask_add", "softmax": "attention.softmax",
                           "context_matmul": "attention.pv_bmm"}
 
-    def construct(self, query, key, value, mask):
+    def probabilities(self, query, key, mask):
+        """softmax(q k^T * scale + mask) in the compute dtype, [B, N, S, S]."""
         # The scale goes on the query ([B,N,S,D]) rather than the scores ([B,N,S,S]), and casts only happen when
         # the dtypes differ: every S x S temporary avoided is memory the graph keeps for backward.
         scores = self.scores_matmul(self.scale_mul(query, self.scale), key)
@@ -58,7 +61,56 @@ class AttentionCore(nn.Cell):
         probs = self.softmax(self.mask_add(scores, mask))
         if self.softmax_dtype != self.compute_dtype:
             probs = ops.cast(probs, self.compute_dtype)
-        return self.context_matmul(probs, value)
+        return probs
+
+    def construct(self, query, key, value, mask):
+        return self.context_matmul(self.probabilities(query, key, mask), value)
+
+
+# Primitives of the hand-written backward below: module-level, not cell attributes, because they are not part of
+# any parallel plan (that backward only runs where no plan is applied; every attribute primitive is in shard_ops).
+_BMM_TN = ops.BatchMatMul(transpose_a=True)
+_BMM_NT = ops.BatchMatMul(transpose_b=True)
+_BMM_NN = ops.BatchMatMul()
+
+
+class RecomputingAttentionCore(AttentionCore):
+    """The same forward, with a hand-written backward that takes P from q, k again (FlashAttention style).
+
+    Why (measured on the CPU backend with MindSpore's profiler, benchmarks/bench_model_vs_hf.py config): autodiff
+    of Softmax expands into Mul/ReduceSum/Sub over [B, N, S, S], and that last-axis ReduceSum alone took ~15 ms per
+    layer (the expansion ~27 ms per layer, ~110 ms of a ~1.45 s step; torch's fused softmax backward takes ~2 ms
+    per layer). Here the backward uses the identity  sum_j P_ij dP_ij = sum_j P_ij (dO_i . v_j) = dO_i . O_i,
+    a reduction over [B, N, S, V] instead of [B, N, S, S]:
+        dV = P^T dO;  dP = dO V^T;  D = rowsum(dO * O);  W = P * dP;
+        dq = scale * (W k - D * (P k));  dk = W^T (scale q) - P^T (D * scale q)     [dS = W - P * D, not formed]
+    In GRAPH mode the graph compiler merges the backward's `probabilities(...)` with the identical forward
+    computation (the profile shows one Softmax per layer per step), so P is computed once; in PyNative it is
+    recomputed. Same gradients up to float32 summation order (max abs diff 4e-7 vs autodiff on random inputs).
+    The mask gets no gradient (it is a constant). Whole benchmark step, A/B in alternating runs on the shared
+    2-core machine: 1.42-1.51 s vs 1.69-3.76 s with the autodiff core, same peak RSS (2923 vs 2914 MiB) while dS
+    was formed; splitting dS's two products (below) then cut the step's peak RSS from 2863 to 2683 MiB at equal
+    time (the CPU backend's memory pool reuses [B, N, S, S] blocks poorly, so each one avoided counts per layer).
+    """
+
+    def bprop(self, query, key, value, mask, out, dout):
+        probs = self.probabilities(query, key, mask)
+        grad_value = _BMM_TN(probs, dout)
+        row_dot = (dout * out).sum(-1, keepdims=True)                       # [B, N, S, 1] = sum_j P_ij dP_ij
+        # dS = P*dP - P*rowdot is never formed: its two products are taken apart, the rowdot term through the
+        # small [B, N, S, D] side (P k, P^T (rowdot q)), so the backward makes two S x S tensors instead of three.
+        weighted = probs * _BMM_NT(dout, value)                            # P * dP
+        scaled_query = query * self.scale
+        grad_query = (_BMM_NN(weighted, key) - row_dot * _BMM_NN(probs, key)) * self.scale
+        grad_key = _BMM_TN(weighted, scaled_query) - _BMM_TN(probs, row_dot * scaled_query)
+        return grad_query, grad_key, grad_value, ops.zeros_like(mask)
+
+
+def attention_core(cfg, device_target=None):
+    """The recomputing core everywhere except Ascend, whose parallel plan shards the autodiff core's primitives
+    (and where MindFormers-style flash attention is the production path)."""
+    device = str(device_target or ms.get_context("device_target")).upper()
+    return AttentionCore(cfg) if device == "ASCEND" else RecomputingAttentionCore(cfg)
 
 
 class MultiHeadLatentAttention(nn.Cell):
@@ -87,7 +139,7 @@ class MultiHeadLatentAttention(nn.Cell):
         self.q_concat = ops.Concat(-1)
         self.k_concat = ops.Concat(-1)
         self.shard_ops = {"q_concat": "attention.qk_concat", "k_concat": "attention.qk_concat"}
-        self.core = AttentionCore(cfg)
+        self.core = attention_core(cfg)
 
     def construct(self, x, cos, sin, mask):
         batch, seq, _ = x.shape
