@@ -8,7 +8,6 @@ by side in one process on the same inputs, and their outputs are checked to be i
     python benchmarks/bench_index_build.py --tokens 1e8    # quicker
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,6 +19,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the checkout's package, built in place, without installing
 from mindpretrain.data import index_builders  # noqa: E402
+from mindpretrain.utils.atomic_files import atomic_write_json  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "index_build.json")
 MEAN_DOCUMENT_TOKENS = 600
@@ -118,9 +118,7 @@ def main():
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(report, handle, indent=2)
+    atomic_write_json(args.output, report, make_parent=True, indent=2)
     print(f"wrote {args.output}")
 
 

@@ -134,11 +134,9 @@ def main():
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count(),
     }
     sys.path.insert(0, ROOT)
-    from mindpretrain.utils.atomic_files import atomic_write
+    from mindpretrain.utils.atomic_files import atomic_write_json
 
-    os.makedirs(os.path.dirname(RESULT), exist_ok=True)
-    with atomic_write(RESULT, "w") as handle:
-        json.dump(report, handle, indent=2)
+    atomic_write_json(RESULT, report, make_parent=True, indent=2)
     print(f"time ratio (ours / HF) {report['time_ratio_ours_over_hf']:.2f}, "
           f"peak RSS ratio {report['peak_rss_ratio_ours_over_hf']:.2f}; wrote {RESULT}")
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the checkout's packages, without in
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
-from mindpretrain.utils.atomic_files import atomic_write  # noqa: E402
+from mindpretrain.utils.atomic_files import atomic_write_json  # noqa: E402
 from research.deepseek3.moe import (DeepseekV3MoE, default_block_size, dispatch_footprint,  # noqa: E402
                                     grouped_matmul_footprint, num_dispatch_blocks)
 
@@ -242,9 +242,7 @@ def main():
                               moe_intermediate_size=args.intermediate, tokens=tokens, batch=args.batch,
                               seq=args.seq, steps=args.steps, n_shared_experts=args.shared_experts),
                   results=rows, footprints=footprints(args))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with atomic_write(args.output, "w") as handle:
-        json.dump(report, handle, indent=2)
+    atomic_write_json(args.output, report, make_parent=True, indent=2)
     print(f"wrote {args.output}")
 
 

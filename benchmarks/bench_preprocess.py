@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import io
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the checkout's package, without ins
 from mindpretrain.data.preprocess import preprocess  # noqa: E402
 from mindpretrain.data.tokenizer import default_deepseek_v3_tokenizer_path, load_tokenizer  # noqa: E402
 from mindpretrain.data.wikitext import read_articles  # noqa: E402
+from mindpretrain.utils.atomic_files import atomic_write_json  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
 DEFAULT_INPUTS = [os.path.join(SHARED, "wikitext-2", name) for name in ("test.txt", "valid.txt")]
@@ -121,9 +121,7 @@ def main():
         print(f"{row['workers']:>7} {row['seconds']:>8.2f} {row['docs_per_s']:>8.1f} {row['tokens_per_s']:>11,.0f} "
               f"{row['mb_per_s']:>6.2f} {rows[0]['seconds'] / row['seconds']:>7.2f}x")
     print(f"outputs identical across worker counts: {result['identical_outputs']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=2)
+    atomic_write_json(args.output, result, make_parent=True, indent=2)
     print(f"wrote {args.output}")
     return 0 if result["identical_outputs"] else 1
 

@@ -10,7 +10,6 @@ is reported.
     python benchmarks/bench_sample_reads.py --tokens 5e7 --reads 20000
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the checkout's package, built in place
 from mindpretrain.data.dataset_builder import build_gpt_datasets  # noqa: E402
 from mindpretrain.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
+from mindpretrain.utils.atomic_files import atomic_write_json  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "sample_reads.json")
 EOD = 1
@@ -83,9 +83,7 @@ def main():
                   f"passes {[round(rate) for rate in rates]}")
             results["runs"].append({"seq_length": seq_length, "samples": len(dataset),
                                     "median_samples_per_s": median, "passes_samples_per_s": rates})
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    atomic_write_json(args.output, results, make_parent=True, indent=2)
     print(f"wrote {args.output}")
 
 

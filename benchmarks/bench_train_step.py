@@ -87,9 +87,10 @@ def main():
               "results": results,
               "scaling_tokens_per_second_2_vs_1": results[1]["steady_tokens_per_second"]
               / results[0]["steady_tokens_per_second"]}
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
+    sys.path.insert(0, ROOT)  # the checkout's package, for its atomic writer
+    from mindpretrain.utils.atomic_files import atomic_write_json
+
+    atomic_write_json(args.output, report, make_parent=True, indent=1)
     print(json.dumps(report, indent=1))
 
 

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from mindpretrain.utils.atomic_files import atomic_write
+from mindpretrain.utils.atomic_files import atomic_write, atomic_write_json
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("data")
@@ -60,8 +60,7 @@ class IndexCache:
             for name, array in arrays.items():
                 with atomic_write(self._array_path(name)) as handle:
                     np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-            with atomic_write(self.description_path, "w") as handle:
-                json.dump(self.description, handle, indent=2, sort_keys=True)
+            atomic_write_json(self.description_path, self.description, indent=2, sort_keys=True)
             return True
         except PermissionError as error:
             logger.warning("cannot write the dataset index cache in %s (%s); indices will be rebuilt "

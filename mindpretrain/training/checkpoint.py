@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from mindpretrain.checkpoint.safetensors_io import SafetensorsError, open_safetensors, save_safetensors
-from mindpretrain.utils.atomic_files import atomic_write
+from mindpretrain.utils.atomic_files import atomic_write, atomic_write_json
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("checkpoint")
@@ -86,15 +86,13 @@ def save_checkpoint(root, step, model_params, optimizer_state, trainer_state, co
                          {OPTIMIZER_PREFIX + name: _as_numpy(value) for name, value in optimizer_state.items()},
                          metadata={"format": "mindpretrain", "step": str(step)})
         state = dict(trainer_state, step=step)
-        with atomic_write(os.path.join(tmp, STATE_FILE), "w") as handle:
-            json.dump(state, handle, indent=1)
+        atomic_write_json(os.path.join(tmp, STATE_FILE), state, indent=1)
         with atomic_write(os.path.join(tmp, CONFIG_FILE), "w") as handle:
             yaml.safe_dump(_plain(config), handle, sort_keys=False)
         files = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
                         "crc32": _file_crc32(os.path.join(tmp, name))}
                  for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE)}
-        with atomic_write(os.path.join(tmp, COMPLETE_MARKER), "w") as handle:
-            json.dump({"step": step, "files": files}, handle, indent=1)
+        atomic_write_json(os.path.join(tmp, COMPLETE_MARKER), {"step": step, "files": files}, indent=1)
         if os.path.isdir(final):  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)

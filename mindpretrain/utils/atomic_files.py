@@ -5,6 +5,7 @@ written to a temporary sibling (same directory, so the final `os.replace` is ato
 flushed, and only then renamed. On failure the temporary file is removed.
 """
 import contextlib
+import json
 import os
 import tempfile
 
@@ -40,3 +41,12 @@ def atomic_write(path, mode="wb"):
     except BaseException:
         discard(tmp)
         raise
+
+
+def atomic_write_json(path, data, make_parent=False, **dump_options):
+    """`json.dump(data, ...)` to `path` completely or not at all (`dump_options` go to json.dump);
+    `make_parent` creates the parent directory first (benchmark results, first run)."""
+    if make_parent:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "w") as handle:
+        json.dump(data, handle, **dump_options)
