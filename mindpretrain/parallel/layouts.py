@@ -27,36 +27,8 @@ from typing import Optional, Tuple
 
 from mindpretrain.config import ConfigError
 
-_LAYER = r"model\.layers\.(?P<layer>\d+)\."
+from research.deepseek3.sharding import WEIGHT_KINDS  # noqa: E402  (transitional: moves to the model spec)
 
-# (kind, regex on the full parameter name, split axis per dimension, routed expert?)
-WEIGHT_KINDS = (
-    ("embedding", r"(model\.embed_tokens|" + _LAYER + r"embed_tokens)\.weight", ("vocab", None), False),
-    ("lm_head", r"(lm_head|" + _LAYER + r"shared_head\.head)\.weight", ("vocab", None), False),
-    ("final_norm", r"model\.norm\.weight", (None,), False),
-    ("norm", _LAYER + r"(input_layernorm|post_attention_layernorm|enorm|hnorm|shared_head\.norm)\.weight",
-     (None,), False),
-    ("attention.q_a_proj", _LAYER + r"self_attn\.q_a_proj\.weight", (None, None), False),
-    ("attention.q_a_layernorm", _LAYER + r"self_attn\.q_a_layernorm\.weight", (None,), False),
-    ("attention.q_b_proj", _LAYER + r"self_attn\.q_b_proj\.weight", ("mp", None), False),
-    ("attention.q_proj", _LAYER + r"self_attn\.q_proj\.weight", ("mp", None), False),
-    ("attention.kv_a_proj", _LAYER + r"self_attn\.kv_a_proj_with_mqa\.weight", (None, None), False),
-    ("attention.kv_a_layernorm", _LAYER + r"self_attn\.kv_a_layernorm\.weight", (None,), False),
-    ("attention.kv_b_proj", _LAYER + r"self_attn\.kv_b_proj\.weight", ("mp", None), False),
-    ("attention.o_proj", _LAYER + r"self_attn\.o_proj\.weight", (None, "mp"), False),
-    ("mlp.gate_proj", _LAYER + r"mlp\.gate_proj\.weight", ("mp", None), False),
-    ("mlp.up_proj", _LAYER + r"mlp\.up_proj\.weight", ("mp", None), False),
-    ("mlp.down_proj", _LAYER + r"mlp\.down_proj\.weight", (None, "mp"), False),
-    ("moe.router", _LAYER + r"mlp\.gate\.weight", (None, None), False),
-    ("moe.router_bias", _LAYER + r"mlp\.gate\.e_score_correction_bias", (None,), False),
-    ("moe.shared_gate_proj", _LAYER + r"mlp\.shared_experts\.gate_proj\.weight", ("mp", None), False),
-    ("moe.shared_up_proj", _LAYER + r"mlp\.shared_experts\.up_proj\.weight", ("mp", None), False),
-    ("moe.shared_down_proj", _LAYER + r"mlp\.shared_experts\.down_proj\.weight", (None, "mp"), False),
-    ("moe.expert_gate_proj", _LAYER + r"mlp\.experts\.\d+\.gate_proj\.weight", ("emp", None), True),
-    ("moe.expert_up_proj", _LAYER + r"mlp\.experts\.\d+\.up_proj\.weight", ("emp", None), True),
-    ("moe.expert_down_proj", _LAYER + r"mlp\.experts\.\d+\.down_proj\.weight", (None, "emp"), True),
-    ("mtp.eh_proj", _LAYER + r"eh_proj\.weight", (None, None), False),
-)
 _COMPILED = tuple((kind, re.compile(pattern + r"$"), split, expert) for kind, pattern, split, expert in WEIGHT_KINDS)
 KIND_SPLITS = {kind: split for kind, _, split, _ in WEIGHT_KINDS}
 

@@ -34,63 +34,8 @@ from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("parallel.strategies")
 
-def _rms_norm_symbols(kind, activation):
-    """The primitives of one RMSNorm on `activation` (3-D): square, mean, +eps, rsqrt, x * rsqrt, weight * x.
-    `kind` itself names the final weight multiply."""
-    statistic = activation[:-1] + (None,)             # [B, S, 1]
-    return {f"{kind}.square": (activation,), f"{kind}.mean": (activation,), f"{kind}.eps_add": (statistic, ()),
-            f"{kind}.rsqrt": (statistic,), f"{kind}.normalise": (activation, statistic),
-            kind: (activation, (None,))}
+from research.deepseek3.sharding import MATMUL_OPS, OP_KINDS, OP_SYMBOLS  # noqa: E402  (transitional)
 
-
-# Tensor layouts assumed: attention tensors [B, N(heads), S, D]; hidden states [B, S, H];
-# token-major matrices [T = B*S, features]; routed-expert tensors [E, T_e (tokens per expert), features].
-OP_SYMBOLS = {
-    # --- multi-head latent attention core -----------------------------------------------------------------
-    "attention.rope_mul": (("dp", "mp", None, None), (None, None, None, None)),     # q_pe * cos/sin
-    "attention.k_rope_mul": (("dp", None, None, None), (None, None, None, None)),   # shared k_pe (1 head)
-    "attention.k_pe_broadcast": (("dp", None, None, None),),                         # k_pe -> every head
-    "attention.qk_concat": (("dp", "mp", None, None), ("dp", "mp", None, None)),     # [q_nope | q_pe]
-    "attention.qk_bmm": (("dp", "mp", None, None), ("dp", "mp", None, None)),        # Q K^T
-    "attention.scale_mul": (("dp", "mp", None, None), ()),
-    "attention.mask_add": (("dp", "mp", None, None), (None, None, None, None)),     # mask [1, 1, S, S]
-    "attention.softmax": (("dp", "mp", None, None),),
-    "attention.pv_bmm": (("dp", "mp", None, None), ("dp", "mp", None, None)),        # P V
-    **_rms_norm_symbols("attention.latent_norm", ("dp", None, None)),               # RMSNorm of q/kv latents
-    # --- block-level --------------------------------------------------------------------------------------
-    **_rms_norm_symbols("norm", ("dp", "sp", None)),                                # RMSNorm [B,S,H]
-    "residual_add": (("dp", "sp", None), ("dp", "sp", None)),
-    "mlp.silu": (("dp", "mp"),),                                                     # sigmoid(g), g [T, I]
-    "mlp.silu_mul": (("dp", "mp"), ("dp", "mp")),                                    # g * sigmoid(g)
-    "mlp.swiglu_mul": (("dp", "mp"), ("dp", "mp")),
-    # --- MoE ----------------------------------------------------------------------------------------------
-    "moe.router_sigmoid": (("dp", None),),
-    "moe.router_bias_add": (("dp", None), (None,)),
-    "moe.topk": (("dp", None),),
-    "moe.expert_gate_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),            # BMM x [E,T,H] @ W^T
-    "moe.expert_up_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),
-    "moe.expert_silu": (("ep", "dp_ep", "emp"),),
-    "moe.expert_swiglu_mul": (("ep", "dp_ep", "emp"), ("ep", "dp_ep", "emp")),
-    "moe.expert_down_proj": (("ep", "dp_ep", "emp"), ("ep", None, "emp")),           # W [E,H,I] split on I
-    "moe.combine_mul": (("dp", None, None), ("dp", None, None)),                     # y [T,K,H] * w [T,K,1]
-    "moe.shared_silu": (("dp", "mp"),),
-    "moe.shared_swiglu_mul": (("dp", "mp"), ("dp", "mp")),
-    # --- embedding, MTP, head, loss -----------------------------------------------------------------------
-    "embedding.gather": (("vocab", None), ("dp", None)),                             # table [V,H], ids [B,S]
-    "mtp.concat": (("dp", None, None), ("dp", None, None)),                          # [enorm(e) | hnorm(h)]
-    # The softmax axis cannot be split, so the loss gathers the vocab-split logits of the head per chunk of
-    # tokens (research/deepseek3/head.py); a decomposed max/exp/sum softmax would keep them split.
-    "loss.log_softmax": (("dp", None),),                                             # logits [T, V]
-    "loss.nll_gather": (("dp", None), ("dp", None)),                                 # log p [T,V], labels [T,1]
-}
-
-# Projections: op kind == weight kind; x [T, in] @ W[out, in]^T.
-MATMUL_OPS = ("attention.q_a_proj", "attention.q_b_proj", "attention.q_proj", "attention.kv_a_proj",
-              "attention.kv_b_proj", "attention.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-              "moe.router", "moe.shared_gate_proj", "moe.shared_up_proj", "moe.shared_down_proj",
-              "mtp.eh_proj", "lm_head")
-
-OP_KINDS = tuple(OP_SYMBOLS) + MATMUL_OPS
 
 def symbol_sizes(pc):
     """Mesh symbol -> number of parts under parallel config `pc`."""

@@ -1,0 +1,96 @@
+"""DeepSeek-V3's shard table: how each weight is split and which `.shard()` layout each op kind assumes.
+
+The core (`mindpretrain.parallel.layouts`, `mindpretrain.parallel.strategies`) knows the mesh symbols and the
+arithmetic; this plugin file knows DeepSeek-V3's parameter names and op kinds. The model spec
+(`research/deepseek3/spec.py`) hands both tables to the core.
+"""
+
+_LAYER = r"model\.layers\.(?P<layer>\d+)\."
+
+# (kind, regex on the full parameter name, split axis per dimension, routed expert?)
+WEIGHT_KINDS = (
+    ("embedding", r"(model\.embed_tokens|" + _LAYER + r"embed_tokens)\.weight", ("vocab", None), False),
+    ("lm_head", r"(lm_head|" + _LAYER + r"shared_head\.head)\.weight", ("vocab", None), False),
+    ("final_norm", r"model\.norm\.weight", (None,), False),
+    ("norm", _LAYER + r"(input_layernorm|post_attention_layernorm|enorm|hnorm|shared_head\.norm)\.weight",
+     (None,), False),
+    ("attention.q_a_proj", _LAYER + r"self_attn\.q_a_proj\.weight", (None, None), False),
+    ("attention.q_a_layernorm", _LAYER + r"self_attn\.q_a_layernorm\.weight", (None,), False),
+    ("attention.q_b_proj", _LAYER + r"self_attn\.q_b_proj\.weight", ("mp", None), False),
+    ("attention.q_proj", _LAYER + r"self_attn\.q_proj\.weight", ("mp", None), False),
+    ("attention.kv_a_proj", _LAYER + r"self_attn\.kv_a_proj_with_mqa\.weight", (None, None), False),
+    ("attention.kv_a_layernorm", _LAYER + r"self_attn\.kv_a_layernorm\.weight", (None,), False),
+    ("attention.kv_b_proj", _LAYER + r"self_attn\.kv_b_proj\.weight", ("mp", None), False),
+    ("attention.o_proj", _LAYER + r"self_attn\.o_proj\.weight", (None, "mp"), False),
+    ("mlp.gate_proj", _LAYER + r"mlp\.gate_proj\.weight", ("mp", None), False),
+    ("mlp.up_proj", _LAYER + r"mlp\.up_proj\.weight", ("mp", None), False),
+    ("mlp.down_proj", _LAYER + r"mlp\.down_proj\.weight", (None, "mp"), False),
+    ("moe.router", _LAYER + r"mlp\.gate\.weight", (None, None), False),
+    ("moe.router_bias", _LAYER + r"mlp\.gate\.e_score_correction_bias", (None,), False),
+    ("moe.shared_gate_proj", _LAYER + r"mlp\.shared_experts\.gate_proj\.weight", ("mp", None), False),
+    ("moe.shared_up_proj", _LAYER + r"mlp\.shared_experts\.up_proj\.weight", ("mp", None), False),
+    ("moe.shared_down_proj", _LAYER + r"mlp\.shared_experts\.down_proj\.weight", (None, "mp"), False),
+    ("moe.expert_gate_proj", _LAYER + r"mlp\.experts\.\d+\.gate_proj\.weight", ("emp", None), True),
+    ("moe.expert_up_proj", _LAYER + r"mlp\.experts\.\d+\.up_proj\.weight", ("emp", None), True),
+    ("moe.expert_down_proj", _LAYER + r"mlp\.experts\.\d+\.down_proj\.weight", (None, "emp"), True),
+    ("mtp.eh_proj", _LAYER + r"eh_proj\.weight", (None, None), False),
+)
+
+def _rms_norm_symbols(kind, activation):
+    """The primitives of one RMSNorm on `activation` (3-D): square, mean, +eps, rsqrt, x * rsqrt, weight * x.
+    `kind` itself names the final weight multiply."""
+    statistic = activation[:-1] + (None,)             # [B, S, 1]
+    return {f"{kind}.square": (activation,), f"{kind}.mean": (activation,), f"{kind}.eps_add": (statistic, ()),
+            f"{kind}.rsqrt": (statistic,), f"{kind}.normalise": (activation, statistic),
+            kind: (activation, (None,))}
+
+
+# Tensor layouts assumed: attention tensors [B, N(heads), S, D]; hidden states [B, S, H];
+# token-major matrices [T = B*S, features]; routed-expert tensors [E, T_e (tokens per expert), features].
+OP_SYMBOLS = {
+    # --- multi-head latent attention core -----------------------------------------------------------------
+    "attention.rope_mul": (("dp", "mp", None, None), (None, None, None, None)),     # q_pe * cos/sin
+    "attention.k_rope_mul": (("dp", None, None, None), (None, None, None, None)),   # shared k_pe (1 head)
+    "attention.k_pe_broadcast": (("dp", None, None, None),),                         # k_pe -> every head
+    "attention.qk_concat": (("dp", "mp", None, None), ("dp", "mp", None, None)),     # [q_nope | q_pe]
+    "attention.qk_bmm": (("dp", "mp", None, None), ("dp", "mp", None, None)),        # Q K^T
+    "attention.scale_mul": (("dp", "mp", None, None), ()),
+    "attention.mask_add": (("dp", "mp", None, None), (None, None, None, None)),     # mask [1, 1, S, S]
+    "attention.softmax": (("dp", "mp", None, None),),
+    "attention.pv_bmm": (("dp", "mp", None, None), ("dp", "mp", None, None)),        # P V
+    **_rms_norm_symbols("attention.latent_norm", ("dp", None, None)),               # RMSNorm of q/kv latents
+    # --- block-level --------------------------------------------------------------------------------------
+    **_rms_norm_symbols("norm", ("dp", "sp", None)),                                # RMSNorm [B,S,H]
+    "residual_add": (("dp", "sp", None), ("dp", "sp", None)),
+    "mlp.silu": (("dp", "mp"),),                                                     # sigmoid(g), g [T, I]
+    "mlp.silu_mul": (("dp", "mp"), ("dp", "mp")),                                    # g * sigmoid(g)
+    "mlp.swiglu_mul": (("dp", "mp"), ("dp", "mp")),
+    # --- MoE ----------------------------------------------------------------------------------------------
+    "moe.router_sigmoid": (("dp", None),),
+    "moe.router_bias_add": (("dp", None), (None,)),
+    "moe.topk": (("dp", None),),
+    "moe.expert_gate_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),            # BMM x [E,T,H] @ W^T
+    "moe.expert_up_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),
+    "moe.expert_silu": (("ep", "dp_ep", "emp"),),
+    "moe.expert_swiglu_mul": (("ep", "dp_ep", "emp"), ("ep", "dp_ep", "emp")),
+    "moe.expert_down_proj": (("ep", "dp_ep", "emp"), ("ep", None, "emp")),           # W [E,H,I] split on I
+    "moe.combine_mul": (("dp", None, None), ("dp", None, None)),                     # y [T,K,H] * w [T,K,1]
+    "moe.shared_silu": (("dp", "mp"),),
+    "moe.shared_swiglu_mul": (("dp", "mp"), ("dp", "mp")),
+    # --- embedding, MTP, head, loss -----------------------------------------------------------------------
+    "embedding.gather": (("vocab", None), ("dp", None)),                             # table [V,H], ids [B,S]
+    "mtp.concat": (("dp", None, None), ("dp", None, None)),                          # [enorm(e) | hnorm(h)]
+    # The softmax axis cannot be split, so the loss gathers the vocab-split logits of the head per chunk of
+    # tokens (research/deepseek3/head.py); a decomposed max/exp/sum softmax would keep them split.
+    "loss.log_softmax": (("dp", None),),                                             # logits [T, V]
+    "loss.nll_gather": (("dp", None), ("dp", None)),                                 # log p [T,V], labels [T,1]
+}
+
+# Projections: op kind == weight kind; x [T, in] @ W[out, in]^T.
+MATMUL_OPS = ("attention.q_a_proj", "attention.q_b_proj", "attention.q_proj", "attention.kv_a_proj",
+              "attention.kv_b_proj", "attention.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+              "moe.router", "moe.shared_gate_proj", "moe.shared_up_proj", "moe.shared_down_proj",
+              "mtp.eh_proj", "lm_head")
+
+OP_KINDS = tuple(OP_SYMBOLS) + MATMUL_OPS
+
