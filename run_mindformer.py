@@ -91,6 +91,7 @@ def main(argv=None):
     import mindpretrain.data.loader  # noqa: F401  (registers BlendedMegatronDatasetDataLoader)
     import mindpretrain.training  # noqa: F401  (registers AdamW and the LR schedules)
     from mindpretrain import registry
+    from mindpretrain.model_builder import build_model
     from mindpretrain.training import launch
     from mindpretrain.training.checkpoint import CheckpointError
     from mindpretrain.training.trainer import DataParallelInfo, Trainer, TrainingError
@@ -111,7 +112,7 @@ def main(argv=None):
         seed = int(config.get("seed", 0) or 0)
         ms.set_seed(seed)
         np.random.seed(seed)
-        model_config, model = launch.build_model(config, device_target)
+        model_config, model = build_model(config, device_target)
         if plan.mode == launch.SEMI_AUTO_PARALLEL:
             # Divisibility, expert and pipeline rules against this model, before any graph is compiled.
             placement = parallel_config.validate(model_config, world_size)

@@ -48,7 +48,7 @@ def run(wikitext_prefix, tmp_path_factory):
         "runner_config.batch_size=2", "lr_schedule.warmup_steps=2", "lr_schedule.learning_rate=5.e-3",
         "seed=1234"])
     config["callbacks"][1]["save_checkpoint_steps"] = SAVE_AT
-    model_config, model = launch.build_model(config, "CPU")
+    model_config, model = build_model(config, "CPU")
     output = tmp_path_factory.mktemp("tiny")
     trainer = Trainer(config, model, model_config, output_dir=str(output))
     bias_steps = []

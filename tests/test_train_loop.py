@@ -18,7 +18,7 @@ ms = pytest.importorskip("mindspore")
 
 from mindpretrain.config import ConfigError, load_config  # noqa: E402
 from mindpretrain.training import checkpoint as ckpt  # noqa: E402
-from mindpretrain.training import launch  # noqa: E402
+from mindpretrain.model_builder import build_model  # noqa: E402
 from mindpretrain.training.trainer import Trainer, TrainingError  # noqa: E402
 
 STANDIN = STANDIN_MODEL
@@ -34,7 +34,7 @@ def make_config(standin_corpus, *overrides):
 
 
 def make_trainer(config, output_dir):
-    model_config, model = launch.build_model(config, "CPU")
+    model_config, model = build_model(config, "CPU")
     return Trainer(config, model, model_config, output_dir=str(output_dir))
 
 
@@ -242,7 +242,7 @@ def test_gradient_accumulation_equals_the_larger_batch(standin_corpus, tmp_path)
 
 def test_sequence_longer_than_the_model_is_refused(standin_corpus):
     config = make_config(standin_corpus)
-    model_config, model = launch.build_model(config, "CPU")
+    model_config, model = build_model(config, "CPU")
     model_config.seq_length = 16
     with pytest.raises(ConfigError, match=r"seq_length \(32\) must not exceed model.model_config.seq_length \(16\)"):
         Trainer(config, model, model_config, output_dir="/nonexistent")

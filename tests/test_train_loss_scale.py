@@ -16,7 +16,7 @@ ms = pytest.importorskip("mindspore")
 from mindpretrain import registry  # noqa: E402
 from mindpretrain.config import ConfigError, load_config  # noqa: E402
 from mindpretrain.training import checkpoint as ckpt  # noqa: E402
-from mindpretrain.training import launch  # noqa: E402
+from mindpretrain.model_builder import build_model  # noqa: E402
 from mindpretrain.training.loss_scale import LossScaler, build_loss_scaler  # noqa: E402
 from mindpretrain.training.lr_schedule import build_lr_schedule  # noqa: E402
 from mindpretrain.training.progress import format_step_line  # noqa: E402
@@ -34,7 +34,7 @@ def make_trainer(standin_corpus, output_dir, *overrides, half=True):
     config = load_config(str(STANDIN / "train.yaml"), [
         f"train_dataset.data_loader.config.data_path=[{standin_corpus}]", f"model.model_config.vocab_size={VOCAB}",
         *(["+model.model_config.compute_dtype=float16"] if half else []), *overrides])
-    model_config, model = launch.build_model(config, "CPU")
+    model_config, model = build_model(config, "CPU")
     return Trainer(config, model, model_config, output_dir=str(output_dir))
 
 
@@ -202,7 +202,7 @@ def test_tiny_deepseek_v3_in_float16_overflows_and_recovers(standin_corpus, tmp_
         "runner_config.train_steps=8", "runner_config.batch_size=2", "model.model_config.compute_dtype=float16",
         "runner_config.max_consecutive_nan_steps=1", "callbacks.1.save_checkpoint_steps=100",
         "+runner_wrapper.scale_sense=" + DYNAMIC.format(value=2 ** 21, window=1)])
-    model_config, model = launch.build_model(config, "CPU")
+    model_config, model = build_model(config, "CPU")
     assert model_config.compute_dtype == "float16"
     trainer = Trainer(config, model, model_config, output_dir=str(tmp_path))
     assert trainer.train()["status"] == "completed"

@@ -17,6 +17,7 @@ from mindspore.parallel.nn import Pipeline, PipelineGradReducer  # noqa: E402
 
 from mindpretrain import registry  # noqa: E402
 from mindpretrain.config import ConfigError, load_config  # noqa: E402
+from mindpretrain.model_builder import build_model  # noqa: E402
 from mindpretrain.training import launch  # noqa: E402
 from mindpretrain.training.train_step import (ForwardBackwardCell, PipelineForwardBackwardCell,  # noqa: E402
                                               expert_load_shape)
@@ -76,7 +77,7 @@ def test_trainer_takes_the_pipeline_step_only_when_asked(tmp_path):
         config = load_config(str(STANDIN / "train.yaml"), [
             f"train_dataset.data_loader.config.data_path=[{prefix}]", f"model.model_config.vocab_size={VOCAB}",
             *overrides])
-        model_config, model = launch.build_model(config, "CPU")
+        model_config, model = build_model(config, "CPU")
         return Trainer(config, model, model_config, output_dir=str(tmp_path / "out"), pipeline=pipeline)
 
     assert isinstance(trainer().forward_backward, ForwardBackwardCell)
@@ -93,7 +94,7 @@ def test_pipeline_cell_wraps_the_tiny_deepseek_v3():
     expert-load shape (constructed only: running it would compile the full model)."""
     registry.import_register_path(str(PROJECT_ROOT / "research" / "deepseek3"))
     config = load_config(str(PROJECT_ROOT / "configs" / "deepseek3" / "pretrain_deepseek3_tiny_cpu.yaml"))
-    model_config, model = launch.build_model(config, "CPU")
+    model_config, model = build_model(config, "CPU")
     weights = model.trainable_params()
     cell = PipelineForwardBackwardCell(model, weights, micro_batch_num=2, load_shape=expert_load_shape(model))
     # the model's own contract for update_expert_bias: [MoE blocks incl. MTP, n_routed_experts]

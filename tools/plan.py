@@ -30,7 +30,7 @@ if ROOT not in sys.path:
 from mindpretrain import registry  # noqa: E402
 from mindpretrain.config import ConfigError, load_config, parse_override_args  # noqa: E402
 from mindpretrain.registry import RegistryError  # noqa: E402
-from mindpretrain.training.launch import build_model_config  # noqa: E402
+from mindpretrain.model_builder import build_model_config  # noqa: E402
 from mindpretrain.parallel.layouts import kind_summary  # noqa: E402
 from mindpretrain.parallel.parallel_config import ParallelConfig  # noqa: E402
 from mindpretrain.planning.cost_model import (GIB, TrainingSetup, build_plan, model_facts,  # noqa: E402

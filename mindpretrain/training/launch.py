@@ -164,37 +164,6 @@ def apply_parallel_plan(plan, model=None, parallel_config=None):
     return None
 
 
-def build_model_config(config, device_target=None):
-    """The validated model config from `model.model_config` (with `recompute_config` folded in), checked
-    against the device when one is given. tools/plan.py calls this too, so it plans exactly what trains."""
-    from mindpretrain import registry
-
-    model_config_section = dict((config.get("model") or {}).get("model_config") or {})
-    require("type" in model_config_section, "model.model_config.type", None, "must name a registered config class")
-    recompute = (config.get("recompute_config") or {})
-    if "recompute" not in model_config_section and recompute:
-        if recompute.get("recompute"):
-            model_config_section["recompute"] = recompute["recompute"]
-        elif recompute.get("select_recompute"):
-            model_config_section["recompute"] = "selective"
-    model_config = registry.build("config", model_config_section)
-    check = getattr(model_config, "check_device", None)
-    if device_target is not None and check is not None:
-        check(device_target)
-    return model_config
-
-
-def build_model(config, device_target):
-    """Model config and model from `model.model_config` / `model.arch` through the registry."""
-    from mindpretrain import registry
-
-    arch = dict((config.get("model") or {}).get("arch") or {})
-    require("type" in arch, "model.arch.type", None, "must name a registered model class")
-    model_config = build_model_config(config, device_target)
-    model = registry.get("model", arch["type"])(model_config)
-    return model_config, model
-
-
 def parallel_config_of(config):
     """The run's ParallelConfig (None when the PARALLEL module is unavailable)."""
     try:
