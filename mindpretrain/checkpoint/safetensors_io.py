@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 from mindpretrain.utils.atomic_files import commit, discard, temporary_sibling
+from mindpretrain.utils.open_once import OpenOnce
 
 # Stored dtype name -> NumPy dtype of the stored bits.
 _STORAGE = {
@@ -333,33 +334,11 @@ def read_index(directory):
     return weight_map
 
 
-class OpenFiles:
-    """Opens each safetensors file once, on first use, and closes them together (or one early with
-    `release`, so that the pages a finished file touched stop counting towards this process's memory)."""
+class OpenFiles(OpenOnce):
+    """Opens each safetensors file once, on first use, and closes them together (see `OpenOnce`)."""
 
     def __init__(self):
-        self._open = {}
-
-    def __call__(self, path):
-        if path not in self._open:
-            self._open[path] = open_safetensors(path)
-        return self._open[path]
-
-    def release(self, path):
-        handle = self._open.pop(path, None)
-        if handle is not None:
-            handle.close()
-
-    def close(self):
-        for handle in self._open.values():
-            handle.close()
-        self._open.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().__init__(open_safetensors)
 
 
 def read_checkpoint_dir(directory):

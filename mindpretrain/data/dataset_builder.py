@@ -18,6 +18,7 @@ from mindpretrain.config import ConfigError, require
 from mindpretrain.data.blended_dataset import BlendedDataset, normalize_weights
 from mindpretrain.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_document_ranges
 from mindpretrain.data.indexed_dataset import IndexedDataset
+from mindpretrain.utils.open_once import OpenOnce
 
 SPLIT_NAMES = ("train", "valid", "test")
 BLEND_SURPLUS = 0.005
@@ -76,23 +77,11 @@ def _check_sizes(sizes):
     return list(sizes)
 
 
-class _DatasetOpener:
-    """Opens each prefix once, however many splits and blends use it."""
-
-    def __init__(self):
-        self._open = {}
-
-    def __call__(self, prefix):
-        if prefix not in self._open:
-            self._open[prefix] = IndexedDataset(prefix)
-        return self._open[prefix]
-
-
 def build_gpt_datasets(section, sizes):
     """[train, valid, test] datasets (None where a split is empty or not requested)."""
     config = gpt_dataset_config(section)
     sizes = _check_sizes(sizes)
-    opener = _DatasetOpener()
+    opener = OpenOnce(IndexedDataset)   # each prefix opened once, however many splits and blends use it
     per_split = [parse_blend(section.get(f"{name}_data_path"), f"{name}_data_path") for name in SPLIT_NAMES]
     if any(blend is not None for blend in per_split):
         require(section.get("data_path") is None, "data_path", section.get("data_path"),
