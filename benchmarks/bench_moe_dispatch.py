@@ -62,6 +62,10 @@ def parse_args():
 class DenseMoE(DeepseekV3MoE):
     """Baseline: every expert computes every token; unselected experts get combine weight 0."""
 
+    def __init__(self, model_config):
+        super().__init__(model_config)
+        self.batch_matmul_nt = ops.BatchMatMul(transpose_b=True)   # x @ W^T without materialising W^T
+
     def _dispatch_compute_combine(self, x, selected, counts, topk_weight):
         tokens = x.shape[0]
         one_hot = ops.cast(selected, ms.float32).reshape(tokens, self.top_k, self.num_experts)

@@ -11,7 +11,7 @@ They must name a key that exists, so a typo fails loudly instead of training the
 `--+key.sub=value` adds a key on purpose. Values are parsed as YAML scalars (`4`, `1.e-4`, `True`,
 `[1, 2]`, `null`).
 
-Every problem is a `ConfigError` naming the key, the value and the rule.
+Every problem is a `ConfigError` (mindpretrain/validation.py) naming the key, the value and the rule.
 """
 import copy
 import difflib
@@ -19,11 +19,9 @@ import os
 
 import yaml
 
+from mindpretrain.validation import ConfigError
+
 BASE_CONFIG_KEY = "base_config"
-
-
-class ConfigError(ValueError):
-    """Invalid configuration: the message names the key, the value and the rule broken."""
 
 
 class Config(dict):
@@ -115,10 +113,10 @@ def _load_tree(path, chain):
 
 def load_config(path, overrides=()):
     """Load `path` with its `base_config` parents and apply `--key.sub=value` overrides."""
-    config = _load_tree(path, [])
+    run_config = _load_tree(path, [])
     for override in overrides:
-        apply_override(config, override)
-    return _wrap(config)
+        apply_override(run_config, override)
+    return _wrap(run_config)
 
 
 def parse_override_args(args):
@@ -139,8 +137,8 @@ def parse_override_args(args):
     return overrides
 
 
-def apply_override(config, override):
-    """Apply one `key.sub=value` (or `+key.sub=value` to add a new key) to a plain dict in place."""
+def apply_override(run_config, override):
+    """Apply one `key.sub=value` (or `+key.sub=value` to add a new key) to the run config (a plain dict) in place."""
     dotted, _, raw = override.partition("=")
     add = dotted.startswith("+")
     dotted = dotted.lstrip("+")
@@ -151,7 +149,7 @@ def apply_override(config, override):
     except yaml.YAMLError:
         value = raw
     parts = dotted.split(".")
-    node = config
+    node = run_config
     for depth, part in enumerate(parts[:-1]):
         node = _child(node, part, dotted, ".".join(parts[:depth + 1]), add)
         if not isinstance(node, (dict, list)):
@@ -189,9 +187,3 @@ def _unknown_key(dotted, missing, node):
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (f"override {dotted}: key {missing} does not exist in the config{hint}; "
             f"write --+{dotted}=... to add a new key")
-
-
-def require(condition, key, value, rule):
-    """Raise `ConfigError("key (value) rule")` unless `condition` holds."""
-    if not condition:
-        raise ConfigError(f"{key} ({value!r}) {rule}")

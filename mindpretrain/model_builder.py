@@ -4,15 +4,15 @@ Importing this module imports neither MindSpore nor the trainer, so `tools/plan.
 config that training would build, on any machine.
 """
 from mindpretrain import registry
-from mindpretrain.config import require
+from mindpretrain.validation import require
 
 
-def build_model_config(config, device_target=None):
+def build_model_config(run_config, device_target=None):
     """The validated model config from `model.model_config` (with `recompute_config` folded in), checked
     against the device when one is given. tools/plan.py calls this too, so it plans exactly what trains."""
-    model_config_section = dict((config.get("model") or {}).get("model_config") or {})
+    model_config_section = dict((run_config.get("model") or {}).get("model_config") or {})
     require("type" in model_config_section, "model.model_config.type", None, "must name a registered config class")
-    recompute = (config.get("recompute_config") or {})
+    recompute = (run_config.get("recompute_config") or {})
     if "recompute" not in model_config_section and recompute:
         if recompute.get("recompute"):
             model_config_section["recompute"] = recompute["recompute"]
@@ -25,10 +25,10 @@ def build_model_config(config, device_target=None):
     return model_config
 
 
-def build_model(config, device_target):
+def build_model(run_config, device_target):
     """Model config and model from `model.model_config` / `model.arch` through the registry."""
-    arch = dict((config.get("model") or {}).get("arch") or {})
+    arch = dict((run_config.get("model") or {}).get("arch") or {})
     require("type" in arch, "model.arch.type", None, "must name a registered model class")
-    model_config = build_model_config(config, device_target)
+    model_config = build_model_config(run_config, device_target)
     model = registry.get("model", arch["type"])(model_config)
     return model_config, model

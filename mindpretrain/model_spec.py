@@ -6,7 +6,7 @@ then finds it from a model config (`spec_for_config`) or from a HuggingFace `con
 (`spec_for_model_type`). A second model family plugs in by registering its own spec; no core file changes.
 """
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from mindpretrain import registry
 
@@ -17,7 +17,7 @@ class ParameterSpec(NamedTuple):
     """One parameter of the native model. Native names are the HuggingFace checkpoint names.
 
     layer: index in the model's layer list (MTP layers after the main ones) or None; group: a plugin-defined
-    family name (the planner treats "embedding" and "routed_expert" specially); expert: routed expert index or
+    family name (only the plugin interprets it, e.g. in its parameter counts); expert: routed expert index or
     None; trainable: False for tensors updated outside the optimizer (e.g. expert-score biases).
     """
 
@@ -37,14 +37,19 @@ class WeightsMismatchError(ValueError):
 class ShardTable:
     """How a model's weights are split and which `.shard()` layout each of its op kinds assumes.
 
-    weight_kinds: (kind, regex on the full parameter name, split symbol per dimension, routed expert?);
+    weight_kinds: (kind, regex on the full parameter name, split symbol per dimension, routed expert?); a
+    regex captures the layer index of layered weights in a group named `layer`;
     op_symbols: op kind -> per-input tuples of mesh symbols (see `mindpretrain.parallel.strategies`);
-    matmul_ops: op kinds computed as `x [T, in] @ W[out, in]^T` whose strategy follows the weight kind.
+    matmul_ops: op kinds computed as `x [T, in] @ W[out, in]^T` whose strategy follows the weight kind;
+    embedding_kinds / head_kinds: the kinds of unlayered weights that live on the first pipeline stage (and
+    on the last one too when multi-token prediction reads them there) / on the last stage only.
     """
 
     weight_kinds: Tuple[Tuple[str, str, Tuple[Optional[str], ...], bool], ...]
     op_symbols: Mapping[str, Tuple[Tuple[Optional[str], ...], ...]]
     matmul_ops: Tuple[str, ...]
+    embedding_kinds: Tuple[str, ...] = ("embedding",)
+    head_kinds: Tuple[str, ...] = ("final_norm", "lm_head")
 
     @property
     def op_kinds(self):
@@ -55,27 +60,64 @@ class ShardTable:
         return {kind: split for kind, _, split, _ in self.weight_kinds}
 
 
+ActivationTerm = Tuple[str, float, str]
+"""(what, elements, dtype key): a tensor the planner counts. dtype key: "compute" (model_config.compute_dtype),
+"norm" (layernorm_compute_type), "softmax" (softmax_compute_type) or "fp32"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanningHooks:
+    """What the planner (`mindpretrain.planning.cost_model`) asks the plugin about its kernels, op by op.
+
+    The core does the generic arithmetic (pipeline stages, optimizer sharding, dtype bytes, recompute,
+    communication); these functions say which tensors the model's own ops keep and how many FLOPs a token
+    costs, because only the plugin knows its attention and MoE implementation. `fused_kernels` selects the
+    Ascend kernel set (flash attention, fused cross-entropy) over the model's reference ops (what runs on CPU).
+
+    layer_activation_terms(model_config, parallel_config, layer, seq_length, fused_kernels, tokens):
+        [ActivationTerm] per token that layer `layer` (MTP layers after the main ones) keeps for its backward,
+        already divided by the split that applies to each; `tokens` is the micro-batch's tokens per device.
+    selective_recompute_drops: names of those terms that the model's selective recompute re-materialises.
+    head_activation_terms(model_config, parallel_config, fused_kernels):
+        [ActivationTerm] per token the last stage keeps for its final norm and output head(s).
+    backward_transient_terms(model_config, parallel_config, has_head, micro_batch_size, seq_length, fused_kernels):
+        [ActivationTerm] in elements per micro-batch: temporaries alive during a stage's backward on top of
+        what is kept (`has_head`: the stage holds the output head).
+    flops_per_token(model_config, seq_length=None): training FLOPs (forward + backward) per token (MFU).
+    """
+
+    layer_activation_terms: Callable[..., Sequence[ActivationTerm]]
+    selective_recompute_drops: Tuple[str, ...]
+    head_activation_terms: Callable[..., Sequence[ActivationTerm]]
+    backward_transient_terms: Callable[..., Sequence[ActivationTerm]]
+    flops_per_token: Callable[..., float]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A model family as the core sees it. Every callable takes the family's validated model config first.
 
-    Fields are filled by the plugin; the core only calls them. `load_hf_weights(model, path)` raises
-    `WeightsMismatchError` (or a subclass) when the directory does not fit.
+    Fields are filled by the plugin; the core only calls them. `load_hf_weights(model, path,
+    allow_missing_mtp=False)` raises `WeightsMismatchError` (or a subclass) when the directory does not fit;
+    `allow_missing_mtp` accepts a directory without the multi-token-prediction layers (transformers saves
+    none). `config_from_hf(path, **overrides)` takes training fields (seq_length, compute_dtype, ...) that
+    config.json does not hold.
     """
 
     name: str                                            # e.g. "deepseek_v3"
     model_types: Tuple[str, ...]                         # HF config.json `model_type` values it reads
     config_class: type                                   # the registered model config class
-    config_from_hf: Callable[[str], Any]                 # HF directory (config.json) -> model config
+    model_class: str                                     # registered model class (YAML `model.arch.type`)
+    config_from_hf: Callable[..., Any]                   # HF directory (config.json), **overrides -> model config
     config_from_dict: Callable[[Dict[str, Any]], Any]    # YAML `model.model_config` values -> model config
     hf_config_dict: Callable[[Any, str], Dict[str, Any]]  # (model config, torch_dtype) -> config.json dict
     parameter_specs: Callable[[Any], list]               # -> [ParameterSpec] in model order (MTP included)
     release_duplicates: Callable[[Any], Dict[str, str]]  # copy name -> native name it copies (HF release)
     parameter_counts: Callable[[Any], Dict[str, Any]]    # total/activated/... counts (planner, logs)
     describe: Callable[[Any], str]                       # one line naming the sizes (error messages)
-    load_hf_weights: Callable[[Any, str], Dict[str, Any]]  # (model, HF directory) -> summary
+    load_hf_weights: Callable[..., Dict[str, Any]]       # (model, HF directory) -> summary
     shard_table: ShardTable
-    planning: Any = None                                 # plugin's planner hooks (see mindpretrain.planning)
+    planning: Optional[PlanningHooks] = None             # None: the planner and MFU are unavailable
 
     def parameter_shapes(self, model_config):
         """{name: shape} of every native parameter, in model order."""
@@ -97,24 +139,36 @@ def register_spec(spec):
     return spec
 
 
+def _registered_specs():
+    return [registry.get(SPEC_KIND, name) for name in registry.names(SPEC_KIND)]
+
+
+def _not_found(what, known):
+    return registry.RegistryError(f"no model spec is registered for {what} (known: {', '.join(known) or 'none'})"
+                                  " — is its plugin passed with --register_path?")
+
+
 def spec_for_config(model_config):
     """The registered spec whose config class `model_config` is an instance of (by class identity or name)."""
-    for name in registry.names(SPEC_KIND):
-        spec = registry.get(SPEC_KIND, name)
+    for spec in _registered_specs():
         if isinstance(model_config, spec.config_class) or \
                 type(model_config).__name__ == spec.config_class.__name__:
             return spec
-    raise registry.RegistryError(
-        f"no model spec is registered for {type(model_config).__name__} (registered: "
-        f"{', '.join(registry.names(SPEC_KIND)) or 'none'}) — is its plugin passed with --register_path?")
+    raise _not_found(type(model_config).__name__, [spec.config_class.__name__ for spec in _registered_specs()])
+
+
+def spec_for_config_type(type_name):
+    """The registered spec of the config class named `type_name` (a YAML `model.model_config.type`)."""
+    for spec in _registered_specs():
+        if spec.config_class.__name__ == type_name:
+            return spec
+    raise _not_found(f"config type {type_name!r}", [spec.config_class.__name__ for spec in _registered_specs()])
 
 
 def spec_for_model_type(model_type):
     """The registered spec reading HF `config.json` files of `model_type` (e.g. "deepseek_v3")."""
-    for name in registry.names(SPEC_KIND):
-        spec = registry.get(SPEC_KIND, name)
+    for spec in _registered_specs():
         if model_type in spec.model_types:
             return spec
-    known = sorted(t for n in registry.names(SPEC_KIND) for t in registry.get(SPEC_KIND, n).model_types)
-    raise registry.RegistryError(f"no model spec reads model_type {model_type!r} (known: {', '.join(known) or 'none'})"
-                                 " — is its plugin passed with --register_path?")
+    raise _not_found(f"model_type {model_type!r}",
+                     sorted(t for spec in _registered_specs() for t in spec.model_types))

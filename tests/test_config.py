@@ -3,7 +3,8 @@ import textwrap
 
 import pytest
 
-from mindpretrain.config import ConfigError, apply_override, load_config, parse_override_args, require
+from mindpretrain.config import apply_override, load_config, parse_override_args
+from mindpretrain.validation import ConfigError, require
 
 
 def write(path, text):

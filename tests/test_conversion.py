@@ -18,6 +18,7 @@ from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.conversion import (NATIVE_MARKER, ConversionError, convert_hf_to_native,
                                                 convert_native_to_hf)
 from mindpretrain.checkpoint.safetensors_io import open_safetensors, read_checkpoint_dir
+import research.deepseek3  # noqa: F401  (registers the DeepSeek-V3 model spec the conversions find)
 
 torch = transformers = None      # test-only references, imported by the autouse fixture below (skip if absent)
 

@@ -13,7 +13,8 @@ from mindspore import Tensor, nn, ops
 
 from mindpretrain import registry
 from mindpretrain.checkpoint.safetensors_io import read_checkpoint_dir, save_safetensors, load_safetensors
-from mindpretrain.config import ConfigError, load_config
+from mindpretrain.config import load_config
+from mindpretrain.validation import ConfigError
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
 from research.deepseek3.hf_weights import CheckpointMismatchError, load_hf_weights
@@ -44,11 +45,11 @@ def yaml_model_config(path):
     return values
 
 
-def tiny_batch(cfg, seed=0, batch=2):
+def tiny_batch(model_config, seed=0, batch=2):
     rng = np.random.RandomState(seed)
-    ids = rng.randint(0, cfg.vocab_size, (batch, cfg.seq_length)).astype(np.int32)
-    labels = rng.randint(0, cfg.vocab_size, (batch, cfg.seq_length)).astype(np.int32)
-    mask = np.ones((batch, cfg.seq_length), np.float32)
+    ids = rng.randint(0, model_config.vocab_size, (batch, model_config.seq_length)).astype(np.int32)
+    labels = rng.randint(0, model_config.vocab_size, (batch, model_config.seq_length)).astype(np.int32)
+    mask = np.ones((batch, model_config.seq_length), np.float32)
     return Tensor(ids), Tensor(labels), Tensor(mask)
 
 
@@ -57,10 +58,11 @@ def tiny_batch(cfg, seed=0, batch=2):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_671b_parameter_counts():
-    cfg = DeepseekV3Config(**yaml_model_config(CONFIG_671B))
-    counts = count_parameters(cfg)
+    model_config = DeepseekV3Config(**yaml_model_config(CONFIG_671B))
+    counts = count_parameters(model_config)
     assert counts["total_main"] == 671_026_419_200
-    assert counts["total_main"] == sum(int(np.prod(s)) for n, s in hf_parameter_shapes(cfg, include_mtp=False).items())
+    main_shapes = hf_parameter_shapes(model_config, include_mtp=False)
+    assert counts["total_main"] == sum(int(np.prod(s)) for n, s in main_shapes.items())
     assert counts["trainable_main"] == 671_026_419_200 - 58 * 256          # the expert-score biases
     assert counts["mtp"] == 11_610_068_224
     assert counts["release_total"] == counts["total_with_mtp"] + 2 * 129280 * 7168   # + MTP embedding/head copies
@@ -71,8 +73,8 @@ def test_671b_parameter_counts():
 
 
 def test_671b_release_names():
-    cfg = DeepseekV3Config()
-    shapes = hf_parameter_shapes(cfg)
+    model_config = DeepseekV3Config()
+    shapes = hf_parameter_shapes(model_config)
     assert shapes["model.layers.0.self_attn.q_a_proj.weight"] == (1536, 7168)
     assert shapes["model.layers.0.self_attn.q_b_proj.weight"] == (128 * 192, 1536)
     assert shapes["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"] == (576, 7168)
@@ -84,20 +86,21 @@ def test_671b_release_names():
     assert shapes["model.layers.61.shared_head.norm.weight"] == (7168,)
     assert shapes["model.layers.61.mlp.experts.0.gate_proj.weight"] == (2048, 7168)
     assert "model.layers.3.mlp.gate_proj.weight" not in shapes
-    assert dict(release_duplicates(cfg)) == {"model.layers.61.embed_tokens.weight": "model.embed_tokens.weight",
-                                             "model.layers.61.shared_head.head.weight": "lm_head.weight"}
-    assert len(non_trainable_names(cfg)) == 59                       # 58 main MoE layers + the MTP block
+    assert dict(release_duplicates(model_config)) == {
+        "model.layers.61.embed_tokens.weight": "model.embed_tokens.weight",
+        "model.layers.61.shared_head.head.weight": "lm_head.weight"}
+    assert len(non_trainable_names(model_config)) == 59                       # 58 main MoE layers + the MTP block
 
 
 def test_1b_and_tiny_yaml_configs():
-    cfg_1b = DeepseekV3Config(**yaml_model_config(CONFIG_1B))
-    assert (cfg_1b.hidden_size, cfg_1b.num_hidden_layers, cfg_1b.n_routed_experts,
-            cfg_1b.first_k_dense_replace) == (2048, 3, 16, 1)
-    counts = count_parameters(cfg_1b)
+    model_config_1b = DeepseekV3Config(**yaml_model_config(CONFIG_1B))
+    assert (model_config_1b.hidden_size, model_config_1b.num_hidden_layers, model_config_1b.n_routed_experts,
+            model_config_1b.first_k_dense_replace) == (2048, 3, 16, 1)
+    counts = count_parameters(model_config_1b)
     assert 0.8e9 < counts["total_main"] < 1.2e9
     with pytest.raises(ConfigError, match="compute_dtype .* cannot run with device_target CPU"):
-        cfg_1b.check_device("CPU")
-    cfg_1b.check_device("Ascend")
+        model_config_1b.check_device("CPU")
+    model_config_1b.check_device("Ascend")
     tiny = DeepseekV3Config(**yaml_model_config(CONFIG_TINY))
     tiny.check_device("CPU")
     assert tiny.num_moe_layers == tiny.num_hidden_layers - tiny.first_k_dense_replace + 1
@@ -126,6 +129,27 @@ def test_mindformers_aliases_give_the_same_config():
                      first_k_dense_replace=3, moe_intermediate_size=2048, n_group=8, topk_group=4,
                      topk_bias_update_rate=0.001, norm_topk_prob=True, seq_balance_loss_alpha=0.0001)
     assert DeepseekV3Config(**mindformers_style) == DeepseekV3Config(**canonical)
+
+
+def test_config_fields_are_dataclass_fields_with_one_docstring_each():
+    """Fields, defaults (the 671B release) and the alias table come from one place: the dataclass."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from research.deepseek3 import deepseek3_config
+
+    fields = {field.name: field.default for field in dataclasses.fields(DeepseekV3Config)}
+    assert (fields["hidden_size"], fields["num_hidden_layers"], fields["n_routed_experts"]) == (7168, 61, 256)
+    assert list(DeepseekV3Config().to_dict()) == list(fields)
+    assert all(canonical in fields for _, canonical in DeepseekV3Config.mindformers_aliases())
+    assert set(deepseek3_config.HF_FIELDS) < set(fields) and "seq_length" not in deepseek3_config.HF_FIELDS
+    body = next(node for node in ast.parse(inspect.getsource(deepseek3_config)).body
+                if isinstance(node, ast.ClassDef) and node.name == "DeepseekV3Config").body
+    documented = [statement.target.id for statement, following in zip(body, body[1:] + [None])
+                  if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr)
+                  and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)]
+    assert documented == list(fields)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -160,21 +184,21 @@ def test_config_validation_errors(overrides, message):
 
 
 def test_bfloat16_refused_on_cpu():
-    cfg = DeepseekV3Config(**dict(TINY, compute_dtype="bfloat16"))
+    model_config = DeepseekV3Config(**dict(TINY, compute_dtype="bfloat16"))
     with pytest.raises(ConfigError, match=r"model_config.compute_dtype \('bfloat16'\) cannot run with device_target "
                                           r"CPU: MindSpore's CPU kernels"):
-        cfg.check_device("CPU")
-    assert cfg.check_device("Ascend") is cfg
+        model_config.check_device("CPU")
+    assert model_config.check_device("Ascend") is model_config
 
 
 def test_hf_config_round_trip(tmp_path):
-    cfg = DeepseekV3Config(**dict(TINY, rope_scaling={"type": "yarn", "factor": 4.0,
+    model_config = DeepseekV3Config(**dict(TINY, rope_scaling={"type": "yarn", "factor": 4.0,
                                                       "original_max_position_embeddings": 16}))
-    data = cfg.to_hf_dict()
+    data = model_config.to_hf_dict()
     assert data["model_type"] == "deepseek_v3" and data["num_key_value_heads"] == 2
     (tmp_path / "config.json").write_text(json.dumps(data))
     back = DeepseekV3Config.from_hf(str(tmp_path), compute_dtype="float32", seq_length=16)
-    assert back == cfg
+    assert back == model_config
     data["scoring_func"] = "softmax"
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"scoring_func \('softmax'\) must be 'sigmoid'"):
@@ -187,34 +211,34 @@ def test_hf_config_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = DeepseekV3Config(**TINY)
-    return DeepseekV3ForCausalLM(cfg)
+    model_config = DeepseekV3Config(**TINY)
+    return DeepseekV3ForCausalLM(model_config)
 
 
 def test_names_match_the_table(tiny_model):
     names = {name: tuple(param.shape) for name, param in tiny_model.parameters_and_names()}
-    assert names == dict(hf_parameter_shapes(tiny_model.config))
+    assert names == dict(hf_parameter_shapes(tiny_model.model_config))
     trainable = {param.name for param in tiny_model.trainable_params()}
-    assert not trainable & set(non_trainable_names(tiny_model.config))
+    assert not trainable & set(non_trainable_names(tiny_model.model_config))
 
 
 def test_tied_embeddings_share_the_head():
-    cfg = DeepseekV3Config(**dict(TINY, tie_word_embeddings=True, num_nextn_predict_layers=0))
-    model = DeepseekV3ForCausalLM(cfg)
+    model_config = DeepseekV3Config(**dict(TINY, tie_word_embeddings=True, num_nextn_predict_layers=0))
+    model = DeepseekV3ForCausalLM(model_config)
     names = [name for name, _ in model.parameters_and_names()]
-    assert "lm_head.weight" not in names and names == list(hf_parameter_shapes(cfg))
+    assert "lm_head.weight" not in names and names == list(hf_parameter_shapes(model_config))
     assert model.lm_head.weight is model.model.embed_tokens.weight      # the head cell holds the shared Parameter
-    ids = tiny_batch(cfg)[0]
+    ids = tiny_batch(model_config)[0]
     hidden = model.model(ids)[0].asnumpy()
     expected = hidden @ model.model.embed_tokens.weight.asnumpy().T
     np.testing.assert_allclose(model(ids).asnumpy(), expected, rtol=1e-5, atol=1e-5)
-    loss, _, mtp_loss, _, load = model(*tiny_batch(cfg))
-    assert float(mtp_loss.asnumpy()) == 0.0 and load.shape == (1, cfg.n_routed_experts)
+    loss, _, mtp_loss, _, load = model(*tiny_batch(model_config))
+    assert float(mtp_loss.asnumpy()) == 0.0 and load.shape == (1, model_config.n_routed_experts)
 
 
 def test_gradients_reach_every_trained_parameter(tiny_model):
-    cfg = tiny_model.config
-    ids, labels, mask = tiny_batch(cfg, seed=1, batch=4)
+    model_config = tiny_model.model_config
+    ids, labels, mask = tiny_batch(model_config, seed=1, batch=4)
     weights = tiny_model.trainable_params()
     biases_before = [bias.asnumpy().copy() for bias in tiny_model.moe_layer_biases()]
 
@@ -225,18 +249,18 @@ def test_gradients_reach_every_trained_parameter(tiny_model):
     dead = [param.name for param, grad in zip(weights, grads)
             if grad is None or not np.isfinite(grad.asnumpy()).all() or float(np.abs(grad.asnumpy()).sum()) == 0.0]
     assert not dead, f"parameters without gradient: {dead}"
-    assert len(weights) == len(hf_parameter_shapes(cfg)) - len(non_trainable_names(cfg))
+    assert len(weights) == len(hf_parameter_shapes(model_config)) - len(non_trainable_names(model_config))
     assert all(not bias.requires_grad for bias in tiny_model.moe_layer_biases())
     for before, bias in zip(biases_before, tiny_model.moe_layer_biases()):
         np.testing.assert_array_equal(before, bias.asnumpy())
 
 
 def test_training_outputs_and_loss_mask(tiny_model):
-    cfg = tiny_model.config
-    ids, labels, mask = tiny_batch(cfg, seed=2)
+    model_config = tiny_model.model_config
+    ids, labels, mask = tiny_batch(model_config, seed=2)
     loss, lm_loss, mtp_loss, balance, load = tiny_model(ids, labels, mask)
-    assert load.shape == (cfg.num_moe_layers, cfg.n_routed_experts) and load.dtype == ms.float32
-    np.testing.assert_allclose(float(loss.asnumpy()), float(lm_loss.asnumpy()) + cfg.mtp_loss_factor *
+    assert load.shape == (model_config.num_moe_layers, model_config.n_routed_experts) and load.dtype == ms.float32
+    np.testing.assert_allclose(float(loss.asnumpy()), float(lm_loss.asnumpy()) + model_config.mtp_loss_factor *
                                float(mtp_loss.asnumpy()) + float(balance.asnumpy()), rtol=1e-6)
     assert float(balance.asnumpy()) > 0                     # seq_balance_loss_alpha defaults to 1e-4
     # masked positions do not count: garbage labels (even negative) under a zero mask leave the LM loss unchanged
@@ -256,19 +280,20 @@ def test_training_outputs_and_loss_mask(tiny_model):
 def test_mtp_reads_the_main_embedding_through_its_own_cell(tiny_model):
     """Pipeline placement needs the MTP block's embedding as a cell of the block: it must hold the main
     Parameter (no new parameter or name), at the path of the release's duplicate tensor."""
-    cfg = tiny_model.config
+    model_config = tiny_model.model_config
     main = tiny_model.model.embed_tokens.weight
-    block = tiny_model.model.layers[cfg.num_hidden_layers]
+    block = tiny_model.model.layers[model_config.num_hidden_layers]
     assert block.embed_tokens.weight is main
     named = list(tiny_model.parameters_and_names())
-    assert sorted(name for name, _ in named) == sorted(hf_parameter_shapes(cfg))  # same names and count
+    assert sorted(name for name, _ in named) == sorted(hf_parameter_shapes(model_config))  # same names and count
     assert all(param.name == name for name, param in named)                      # checkpoint names too
-    assert len(tiny_model.trainable_params()) + cfg.num_moe_layers == len(named)   # + the no-grad biases
+    assert len(tiny_model.trainable_params()) + model_config.num_moe_layers == len(named)   # + the no-grad biases
     cell_paths = {path for path, _ in tiny_model.cells_and_names()}
-    duplicate = f"model.layers.{cfg.num_hidden_layers}.embed_tokens"
-    assert duplicate in cell_paths and release_duplicates(cfg)[duplicate + ".weight"] == "model.embed_tokens.weight"
+    duplicate = f"model.layers.{model_config.num_hidden_layers}.embed_tokens"
+    assert duplicate in cell_paths
+    assert release_duplicates(model_config)[duplicate + ".weight"] == "model.embed_tokens.weight"
     # the block's embedding of its (shifted) tokens is the main embedding of them
-    ids = tiny_batch(cfg, seed=5)[0]
+    ids = tiny_batch(model_config, seed=5)[0]
     np.testing.assert_array_equal(block.embed_tokens(ids).asnumpy(), tiny_model.model.embed_tokens(ids).asnumpy())
 
 
@@ -282,9 +307,9 @@ def test_fused_chunked_head_loss_matches_autodiff_of_the_plain_loss(tiny_model):
     assert loss_chunk_size(4096, 129280, 8 * 1024 * 1024) == 256          # capped at 16 chunks
     assert loss_chunk_size(30, 96, 4 * 96) == 4                           # 8 chunks, the last one of 2 rows
     assert loss_chunk_size(2048, 32000, None) == 2048                     # default: one chunk
-    cfg = tiny_model.config
-    ids, labels, _ = tiny_batch(cfg, seed=6)
-    mask = Tensor((np.random.RandomState(6).rand(2, cfg.seq_length) > 0.3).astype(np.float32))
+    model_config = tiny_model.model_config
+    ids, labels, _ = tiny_batch(model_config, seed=6)
+    mask = Tensor((np.random.RandomState(6).rand(2, model_config.seq_length) > 0.3).astype(np.float32))
     weights = tiny_model.trainable_params()
 
     def plain_lm_loss(ids, labels, mask):
@@ -300,7 +325,7 @@ def test_fused_chunked_head_loss_matches_autodiff_of_the_plain_loss(tiny_model):
     reference, reference_grads = value_and_grads(plain_lm_loss)
     cross_entropy = tiny_model.lm_head.cross_entropy
     default = cross_entropy.chunk_elements
-    for chunk_elements in (default, 5 * cfg.vocab_size):      # one chunk; 7 chunks (six of 5 rows, one of 2)
+    for chunk_elements in (default, 5 * model_config.vocab_size):      # one chunk; 7 chunks (six of 5 rows, one of 2)
         cross_entropy.chunk_elements = chunk_elements
         try:
             value, grads = value_and_grads(fused_lm_loss)
@@ -314,9 +339,9 @@ def test_fused_chunked_head_loss_matches_autodiff_of_the_plain_loss(tiny_model):
 
 
 def test_update_expert_bias(tiny_model):
-    cfg = tiny_model.config
+    model_config = tiny_model.model_config
     biases = tiny_model.moe_layer_biases()
-    assert len(biases) == cfg.num_moe_layers == 2
+    assert len(biases) == model_config.num_moe_layers == 2
     assert [b.name for b in biases] == ["model.layers.1.mlp.gate.e_score_correction_bias",
                                         "model.layers.2.mlp.gate.e_score_correction_bias"]
     before = [b.asnumpy().copy() for b in biases]
@@ -324,7 +349,7 @@ def test_update_expert_bias(tiny_model):
     tiny_model.update_expert_bias(load)
     for index, bias in enumerate(biases):
         np.testing.assert_allclose(bias.asnumpy(), expert_bias_update(before[index], load[index],
-                                                                      cfg.topk_bias_update_rate))
+                                                                      model_config.topk_bias_update_rate))
     np.testing.assert_allclose(biases[0].asnumpy() - before[0], [-0.001, 0.001, -0.001, 0.001], atol=1e-7)
     with pytest.raises(ValueError, match=r"expected \(2, 4\)"):
         tiny_model.update_expert_bias(np.zeros((3, 4)))
@@ -333,12 +358,12 @@ def test_update_expert_bias(tiny_model):
 
 
 def test_recompute_modes_build_and_match():
-    cfg = DeepseekV3Config(**dict(TINY, recompute=["full", "selective", "none"]))
-    model = DeepseekV3ForCausalLM(cfg)
+    model_config = DeepseekV3Config(**dict(TINY, recompute=["full", "selective", "none"]))
+    model = DeepseekV3ForCausalLM(model_config)
     plain = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY))
     ms.load_param_into_net(model, {name: ms.Parameter(param.asnumpy(), name=name)
                                    for name, param in plain.parameters_and_names()})
-    ids, labels, mask = tiny_batch(cfg, seed=3)
+    ids, labels, mask = tiny_batch(model_config, seed=3)
     np.testing.assert_allclose(model(ids, labels, mask)[0].asnumpy(), plain(ids, labels, mask)[0].asnumpy(),
                                rtol=1e-6)
 
@@ -380,8 +405,8 @@ def test_bad_checkpoint_lists_every_problem_and_loads_nothing(hf_checkpoint, tmp
         tensors["model.layers.2.embed_tokens.weight"] = np.zeros((3, 64), np.float32)
 
     bad_dir = _single_file_copy(hf_dir, str(tmp_path / "bad"), break_it)
-    cfg = DeepseekV3Config.from_hf(bad_dir, compute_dtype="float32", seq_length=16)
-    model = DeepseekV3ForCausalLM(cfg)
+    model_config = DeepseekV3Config.from_hf(bad_dir, compute_dtype="float32", seq_length=16)
+    model = DeepseekV3ForCausalLM(model_config)
     before = {name: param.asnumpy().copy() for name, param in model.parameters_and_names()}
     with pytest.raises(CheckpointMismatchError) as error:
         load_hf_weights(model, bad_dir)
@@ -490,10 +515,10 @@ class TrainStep(nn.Cell):
 
 
 def test_graph_mode_train_step_and_bias_update():
-    cfg = DeepseekV3Config(**dict(TINY, recompute=["full", "selective", "none"]))
-    model = DeepseekV3ForCausalLM(cfg)
+    model_config = DeepseekV3Config(**dict(TINY, recompute=["full", "selective", "none"]))
+    model = DeepseekV3ForCausalLM(model_config)
     step = TrainStep(model, nn.AdamWeightDecay(model.trainable_params(), learning_rate=1e-2))
-    ids, labels, mask = tiny_batch(cfg, seed=4)
+    ids, labels, mask = tiny_batch(model_config, seed=4)
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         losses = []
@@ -515,8 +540,8 @@ def test_register_path_registers_one_set_of_classes():
     assert registry.get("config", "DeepseekV3Config") is DeepseekV3Config
     assert registry.get("model", "DeepseekV3ForCausalLM") is DeepseekV3ForCausalLM
     values = yaml_model_config(CONFIG_TINY)
-    cfg = registry.build("config", dict(values, type="DeepseekV3Config"))
-    assert cfg.hidden_size == 64 and cfg.vocab_size == 129280
+    model_config = registry.build("config", dict(values, type="DeepseekV3Config"))
+    assert model_config.hidden_size == 64 and model_config.vocab_size == 129280
 
 
 def test_recomputing_attention_core_gradients_equal_autodiff():
@@ -525,15 +550,15 @@ def test_recomputing_attention_core_gradients_equal_autodiff():
     summation order."""
     from research.deepseek3.mla import AttentionCore, RecomputingAttentionCore, causal_mask
 
-    cfg = DeepseekV3Config(**TINY)
+    model_config = DeepseekV3Config(**TINY)
     rng = np.random.RandomState(11)
-    batch, heads, seq = 2, cfg.num_attention_heads, cfg.seq_length
-    query, key = (Tensor(rng.randn(batch, heads, seq, cfg.qk_head_dim).astype(np.float32)) for _ in range(2))
-    value = Tensor(rng.randn(batch, heads, seq, cfg.v_head_dim).astype(np.float32))
-    weights = Tensor(rng.randn(batch, heads, seq, cfg.v_head_dim).astype(np.float32))
+    batch, heads, seq = 2, model_config.num_attention_heads, model_config.seq_length
+    query, key = (Tensor(rng.randn(batch, heads, seq, model_config.qk_head_dim).astype(np.float32)) for _ in range(2))
+    value = Tensor(rng.randn(batch, heads, seq, model_config.v_head_dim).astype(np.float32))
+    weights = Tensor(rng.randn(batch, heads, seq, model_config.v_head_dim).astype(np.float32))
     mask = causal_mask(seq)
     results = []
-    for core in (AttentionCore(cfg), RecomputingAttentionCore(cfg)):
+    for core in (AttentionCore(model_config), RecomputingAttentionCore(model_config)):
         def objective(q, k, v, core=core):
             return (core(q, k, v, mask) * weights).sum()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import random_documents, require_reference, write_dataset
-from mindpretrain.config import ConfigError
+from mindpretrain.validation import ConfigError
 from mindpretrain.data import gpt_dataset as gpt
 from mindpretrain.data.dataset_builder import build_gpt_datasets
 from mindpretrain.data.gpt_dataset import GPTDatasetConfig, make_sample

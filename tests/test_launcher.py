@@ -12,8 +12,9 @@ from conftest import PROJECT_ROOT, random_documents, write_dataset
 if str(PROJECT_ROOT) not in sys.path:  # run_mindformer.py lives at the repo root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from mindpretrain.config import ConfigError
-from mindpretrain.training import launch
+from mindpretrain.validation import ConfigError
+from mindpretrain.parallel.plan import (DATA_PARALLEL, SEMI_AUTO_PARALLEL, STAND_ALONE, PipelineWrapping,
+                                        pipeline_wrapping, plan_parallel)
 from mindpretrain.training.lr_schedule import ConstantWarmUpLR, CosineWithWarmUpLR, LinearWithWarmUpLR
 
 LAUNCHER = PROJECT_ROOT / "scripts" / "msrun_launcher.sh"
@@ -115,6 +116,21 @@ def test_run_mindformer_inheritance_and_overrides_end_to_end(tmp_path):
         run_mindformer.resolve_config(["--config", str(child), "--runner_config.train_stepz=3"])
 
 
+def test_run_mode_predict_is_refused_while_parsing(tmp_path, capsys):
+    """predict (from the flag or the YAML) stops at argument parsing with the way to get logits instead."""
+    import run_mindformer
+
+    base = PROJECT_ROOT / "tests" / "standin_model" / "train.yaml"
+    with pytest.raises(SystemExit) as stopped:
+        run_mindformer.resolve_config(["--config", str(base), "--run_mode", "predict"])
+    assert stopped.value.code == 2 and "tools/logits.py computes logits" in capsys.readouterr().err
+    child = tmp_path / "predict.yaml"
+    child.write_text(f"base_config: {base}\nrun_mode: predict\n")
+    with pytest.raises(SystemExit) as stopped:
+        run_mindformer.resolve_config(["--config", str(child)])
+    assert stopped.value.code == 2 and "run_mode predict is not implemented" in capsys.readouterr().err
+
+
 # --- parallel mode decision ------------------------------------------------------------------------------------
 
 class FakeParallelConfig:
@@ -132,56 +148,56 @@ class FakeParallelConfig:
 
 
 def test_single_process_is_stand_alone():
-    plan = launch.plan_parallel("CPU", False, 1, 0)
-    assert plan.mode == launch.STAND_ALONE and plan.data_parallel == 1
+    plan = plan_parallel("CPU", False, 1, 0)
+    assert plan.mode == STAND_ALONE and plan.data_parallel == 1
 
 
 def test_cpu_workers_form_a_data_parallel_group():
-    plan = launch.plan_parallel("CPU", True, 2, 1, FakeParallelConfig(dp=1))
-    assert plan.mode == launch.DATA_PARALLEL and (plan.data_parallel, plan.data_rank) == (2, 1)
+    plan = plan_parallel("CPU", True, 2, 1, FakeParallelConfig(dp=1))
+    assert plan.mode == DATA_PARALLEL and (plan.data_parallel, plan.data_rank) == (2, 1)
     assert plan.context["parallel_mode"] == "data_parallel" and not plan.full_batch
 
 
 def test_cpu_refuses_model_or_pipeline_parallel():
     with pytest.raises(ConfigError, match="must be 1 on CPU"):
-        launch.plan_parallel("CPU", True, 4, 0, FakeParallelConfig(dp=2, mp=2))
+        plan_parallel("CPU", True, 4, 0, FakeParallelConfig(dp=2, mp=2))
 
 
 def test_ascend_switches_on_semi_auto_pipeline_and_optimizer_sharding():
     pc = FakeParallelConfig(dp=4, mp=2, pp=2, ep=4, optimizer_shard=True, micro_batch_num=8)
-    plan = launch.plan_parallel("Ascend", True, 16, 5, pc)
-    assert plan.mode == launch.SEMI_AUTO_PARALLEL and plan.apply_shard_strategies and plan.full_batch
+    plan = plan_parallel("Ascend", True, 16, 5, pc)
+    assert plan.mode == SEMI_AUTO_PARALLEL and plan.apply_shard_strategies and plan.full_batch
     assert plan.context == {"parallel_mode": "semi_auto_parallel", "gradients_mean": False, "full_batch": True,
                             "device_num": 16, "pipeline_stages": 2, "enable_parallel_optimizer": True,
                             "enable_alltoall": True}
     assert plan.data_parallel == 1  # MindSpore inserts the gradient reduction itself
     assert plan.batch_size_factor == 4 * 8  # full batch: data_parallel x micro_batch_num samples per batch_size
     with pytest.raises(ConfigError, match="16 devices, but 8 workers"):
-        launch.plan_parallel("Ascend", True, 8, 0, pc)
+        plan_parallel("Ascend", True, 8, 0, pc)
 
 
 def test_pipeline_wrapping_only_for_ascend_pipeline_runs():
     """Pipeline + PipelineGradReducer are chosen for semi-auto runs with pipeline_stage > 1 only,
     with micro_batch_num from parallel_config (the wrapped cell itself: tests/test_train_pipeline.py)."""
     pc = FakeParallelConfig(dp=4, mp=2, pp=2, ep=4, optimizer_shard=True, micro_batch_num=8)
-    wrapping = launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 16, 5, pc), pc)
-    assert wrapping == launch.PipelineWrapping(stages=2, micro_batch_num=8, optimizer_shard=True)
+    wrapping = pipeline_wrapping(plan_parallel("Ascend", True, 16, 5, pc), pc)
+    assert wrapping == PipelineWrapping(stages=2, micro_batch_num=8, optimizer_shard=True)
     assert (wrapping.wrapper, wrapping.grad_reducer) == ("mindspore.parallel.nn.Pipeline",
                                                    "mindspore.parallel.nn.PipelineGradReducer")
     no_pipeline = FakeParallelConfig(dp=8, mp=2, micro_batch_num=8)
-    assert launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 16, 0, no_pipeline), no_pipeline) is None
-    assert launch.pipeline_wrapping(launch.plan_parallel("CPU", True, 2, 0, FakeParallelConfig()), None) is None
-    assert launch.pipeline_wrapping(launch.plan_parallel("CPU", False, 1, 0)) is None
+    assert pipeline_wrapping(plan_parallel("Ascend", True, 16, 0, no_pipeline), no_pipeline) is None
+    assert pipeline_wrapping(plan_parallel("CPU", True, 2, 0, FakeParallelConfig()), None) is None
+    assert pipeline_wrapping(plan_parallel("CPU", False, 1, 0)) is None
     too_few = FakeParallelConfig(dp=1, mp=1, pp=4, micro_batch_num=2)
     with pytest.raises(ConfigError, match=r"micro_batch_num \(2\) must be at least pipeline_stage \(4\)"):
-        launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 4, 0, too_few), too_few)
+        pipeline_wrapping(plan_parallel("Ascend", True, 4, 0, too_few), too_few)
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(2\) must be 1 with pipeline_stage > 1"):
-        launch.pipeline_wrapping(launch.plan_parallel("Ascend", True, 16, 0, pc), pc, accumulation_steps=2)
+        pipeline_wrapping(plan_parallel("Ascend", True, 16, 0, pc), pc, accumulation_steps=2)
 
 
 def test_several_workers_without_use_parallel_is_an_error():
     with pytest.raises(ConfigError, match="use_parallel"):
-        launch.plan_parallel("CPU", False, 2, 0)
+        plan_parallel("CPU", False, 2, 0)
 
 
 # --- LR schedules --------------------------------------------------------------------------------------------
@@ -214,7 +230,7 @@ def test_ascend_yamls_resolve_to_a_semi_auto_plan(name, devices):
     from mindpretrain.config import load_config
     from mindpretrain.parallel.parallel_config import ParallelConfig
     from mindpretrain.training.lr_schedule import build_lr_schedule
-    from mindpretrain.training.trainer import RunSettings
+    from mindpretrain.training.settings import RunSettings
 
     config = load_config(str(PROJECT_ROOT / "research" / "deepseek3" / "deepseek3_671b" / name))
     settings = RunSettings.from_config(config)
@@ -222,10 +238,10 @@ def test_ascend_yamls_resolve_to_a_semi_auto_plan(name, devices):
     schedule = build_lr_schedule(config.lr_schedule, settings.train_steps)
     assert schedule(0) == 0.0 and schedule(schedule.warmup_steps) == pytest.approx(2.2e-4)
     pc = ParallelConfig.from_run_config(config)
-    plan = launch.plan_parallel("Ascend", True, devices, 0, pc)
-    assert plan.mode == launch.SEMI_AUTO_PARALLEL and plan.context["enable_parallel_optimizer"] is True
+    plan = plan_parallel("Ascend", True, devices, 0, pc)
+    assert plan.mode == SEMI_AUTO_PARALLEL and plan.context["enable_parallel_optimizer"] is True
     assert plan.context["pipeline_stages"] == pc.pipeline_stage
-    wrapping = launch.pipeline_wrapping(plan, pc, settings.accumulation_steps)
+    wrapping = pipeline_wrapping(plan, pc, settings.accumulation_steps)
     if pc.pipeline_stage > 1:
         assert (wrapping.stages, wrapping.micro_batch_num) == (pc.pipeline_stage, pc.micro_batch_num)
     else:

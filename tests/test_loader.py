@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import random_documents, write_dataset
-from mindpretrain.config import ConfigError
+from mindpretrain.validation import ConfigError
 from mindpretrain.data.dataset_builder import build_gpt_datasets
 from mindpretrain.data.loader import BlendedMegatronDatasetDataLoader, DataParallelSamples
 

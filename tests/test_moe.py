@@ -7,11 +7,12 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindpretrain.config import ConfigError
+from mindpretrain.validation import ConfigError
 from research.deepseek3 import moe as moe_module
-from research.deepseek3.moe import (DeepseekV3MoE, SwiGLUMLP, default_block_size, default_moe_dispatch,
-                                    dispatch_footprint, expert_bias_update, expert_sorted_layout,
-                                    grouped_matmul_footprint, num_dispatch_blocks)
+from research.deepseek3.layers import SwiGLU
+from research.deepseek3.moe import (DeepseekV3MoE, default_block_size, default_moe_dispatch, dispatch_footprint,
+                                    expert_bias_update, expert_sorted_layout, grouped_matmul_footprint,
+                                    num_dispatch_blocks)
 from tests.conftest import require_reference
 
 HIDDEN, INTER, EXPERTS = 32, 16, 8
@@ -253,7 +254,7 @@ def test_expert_bias_update_rule():
 
 def test_swiglu_mlp_formula():
     cfg = make_cfg()
-    mlp = SwiGLUMLP(HIDDEN, INTER, cfg)
+    mlp = SwiGLU(HIDDEN, INTER, cfg, "moe.shared_")                      # the shared experts' cell
     assert sorted(name for name, _ in mlp.parameters_and_names()) == ["down_proj.weight", "gate_proj.weight",
                                                                       "up_proj.weight"]
     p = params_np(mlp)
@@ -498,7 +499,7 @@ def test_grouped_matmul_footprint_at_671b_scale():
 
 
 def test_dispatch_is_validated_with_the_config():
-    from mindpretrain.config import ConfigError
+    from mindpretrain.validation import ConfigError
     from research.deepseek3.deepseek3_config import DeepseekV3Config
 
     assert DeepseekV3Config(moe_dispatch="block_sparse").moe_dispatch == "block_sparse"

@@ -1,7 +1,7 @@
 """ParallelConfig: reading MindFormers' YAML keys, validation errors, and pipeline layer placement."""
 import pytest
 
-from mindpretrain.config import ConfigError
+from mindpretrain.validation import ConfigError
 from mindpretrain.parallel.parallel_config import ParallelConfig
 from mindpretrain.parallel.pipeline import bubble_fraction, layers_per_stage, place_layers, suggest_offset
 from research.deepseek3.deepseek3_config import DeepseekV3Config

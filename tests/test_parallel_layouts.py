@@ -3,14 +3,20 @@ import math
 
 import pytest
 
-from mindpretrain.config import ConfigError, load_config
-from mindpretrain.parallel.layouts import KIND_SPLITS, WEIGHT_KINDS, weight_kind, weight_layouts
+from mindpretrain.config import load_config
+
+from mindpretrain.validation import ConfigError
+from mindpretrain.parallel.layouts import weight_kind, weight_layouts
 from mindpretrain.parallel.parallel_config import ParallelConfig
 from mindpretrain.parallel.pipeline import place_layers
-from mindpretrain.parallel.strategies import MATMUL_OPS, OP_KINDS, apply_shard_strategies, op_strategies
+from mindpretrain.parallel.strategies import apply_shard_strategies, op_strategies
 from research.deepseek3.deepseek3_config import DeepseekV3Config
+from research.deepseek3.sharding import MATMUL_OPS, OP_KINDS, WEIGHT_KINDS
+from research.deepseek3.spec import SHARD_TABLE
 from research.deepseek3.weight_mapping import hf_parameter_shapes
 from tests.conftest import PROJECT_ROOT
+
+KIND_SPLITS = SHARD_TABLE.kind_splits
 
 CONFIGS = {
     "671b": "research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml",
@@ -44,7 +50,7 @@ def test_shard_shapes_multiply_back_to_full_shapes(shapes_671b, values):
     pc = ParallelConfig.from_dict(values)
     cfg = model_config("671b")
     placement = pc.validate(cfg, pc.device_num)
-    layouts = weight_layouts(shapes_671b, pc, placement)
+    layouts = weight_layouts(shapes_671b, pc, placement, SHARD_TABLE)
     assert len(layouts) == len(shapes_671b)
     held = 0
     for layout in layouts:
@@ -60,7 +66,7 @@ def test_shard_shapes_multiply_back_to_full_shapes(shapes_671b, values):
 def test_kinds_of_the_671b_weights(shapes_671b):
     pc = ParallelConfig.from_dict(LAYOUTS_671B[0])
     placement = place_layers(model_config("671b"), pc)
-    by_name = {layout.name: layout for layout in weight_layouts(shapes_671b, pc, placement)}
+    by_name = {layout.name: layout for layout in weight_layouts(shapes_671b, pc, placement, SHARD_TABLE)}
     q_b = by_name["model.layers.0.self_attn.q_b_proj.weight"]
     assert q_b.shape == (128 * 192, 1536) and q_b.shard_shape == (32 * 192, 1536)     # 32 of 128 heads
     o_proj = by_name["model.layers.5.self_attn.o_proj.weight"]
@@ -84,10 +90,10 @@ def test_every_weight_name_has_exactly_one_kind():
     no_q_lora = DeepseekV3Config(q_lora_rank=None, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8,
                                  n_group=2,
                                  topk_group=1, num_experts_per_tok=2)
-    assert weight_kind("model.layers.0.self_attn.q_proj.weight")[0] == "attention.q_proj"
+    assert weight_kind("model.layers.0.self_attn.q_proj.weight", SHARD_TABLE)[0] == "attention.q_proj"
     assert "model.layers.0.self_attn.q_proj.weight" in hf_parameter_shapes(no_q_lora)
     with pytest.raises(ConfigError, match="matches no weight kind"):
-        weight_kind("model.layers.0.self_attn.rotary.inv_freq")
+        weight_kind("model.layers.0.self_attn.rotary.inv_freq", SHARD_TABLE)
 
 
 # ------------------------------------------------------------------------------------------ strategies
@@ -103,8 +109,8 @@ STRATEGY_LAYOUTS = [
 @pytest.mark.parametrize("values", STRATEGY_LAYOUTS)
 def test_strategies_are_consistent(values):
     pc = ParallelConfig.from_dict(values)
-    strategies = op_strategies(pc)
-    dp, mp, ep = pc.data_parallel, pc.model_parallel, pc.expert_parallel
+    strategies = op_strategies(pc, SHARD_TABLE)
+    dp, mp = pc.data_parallel, pc.model_parallel
     assert set(strategies) == set(OP_KINDS)
     for kind, strategy in strategies.items():
         for entry in strategy:
@@ -122,7 +128,8 @@ def test_strategies_are_consistent(values):
     assert probs[:2] == value[:2] and probs[3] == value[2] == 1
     assert strategies["attention.softmax"] == ((dp, mp, 1, 1),)
     x, weight = strategies["moe.expert_gate_proj"]
-    assert x[0] == weight[0] == ep and x[2] == weight[2] and x[1] == dp // ep
+    # block dispatch: blocks stay whole (each gathers its expert's weights), rows over dp, width over emp
+    assert x == (1, dp, 1) and weight == (1, pc.expert_tensor_parallel, 1)
     h, weight = strategies["moe.expert_down_proj"]
     assert h[2] == weight[2] == pc.expert_tensor_parallel
     table, ids = strategies["embedding.gather"]
@@ -144,7 +151,7 @@ def test_apply_is_skipped_clearly_outside_semi_auto_parallel(tiny_model):
 
     pc = ParallelConfig.from_dict(dict(data_parallel=2, model_parallel=2, expert_parallel=2))
     assert ms.get_auto_parallel_context("parallel_mode") == "stand_alone"
-    report = apply_shard_strategies(tiny_model, pc)
+    report = apply_shard_strategies(tiny_model, pc, SHARD_TABLE)
     assert not report.applied and "stand_alone" in report.reason
     planned = {(path, attribute): (kind, strategy) for path, attribute, kind, strategy in report.planned}
     # written out by hand from the layouts: column-parallel q_b [heads split], row-parallel o_proj
@@ -157,24 +164,23 @@ def test_apply_is_skipped_clearly_outside_semi_auto_parallel(tiny_model):
     assert planned[("model.norm", "weight_mul")] == ("norm", ((2, 1, 1), (1,)))
     assert planned[("lm_head.cross_entropy", "log_softmax")] == ("loss.log_softmax", ((2, 1),))
     # the MTP block's own embedding cell is sharded like the main one
-    mtp = f"model.layers.{tiny_model.config.num_hidden_layers}"
+    mtp = f"model.layers.{tiny_model.model_config.num_hidden_layers}"
     assert planned[(f"{mtp}.embed_tokens", "gather")] == ("embedding.gather", ((1, 1), (2, 1)))
     kinds = {kind for kind, _ in planned.values()}
     assert {"attention.kv_b_proj", "attention.softmax", "attention.latent_norm.rsqrt", "mlp.gate_proj",
             "mlp.silu", "residual_add", "mtp.eh_proj", "mtp.concat", "loss.nll_gather"} <= kinds
-    # what no cell declares is reported: RoPE (functional ops), q_proj (this config has a q LoRA) and the MoE
-    # block's ops (moe.py declares no shard_ops yet)
-    assert set(report.unmatched_kinds) == set(OP_KINDS) - kinds
-    assert {kind for kind in report.unmatched_kinds if not kind.startswith("moe.")} == {
+    # what no cell declares is reported: RoPE (functional ops) and q_proj (this config has a q LoRA)
+    assert set(report.unmatched_kinds) == set(OP_KINDS) - kinds == {
         "attention.rope_mul", "attention.k_rope_mul", "attention.k_pe_broadcast", "attention.q_proj"}
 
 
 def test_every_primitive_of_the_model_cells_is_declared(tiny_model):
-    """No name guessing: every primitive our cells hold is in their `shard_ops` (MoE cells are moe.py's)."""
+    """No name guessing: every primitive our cells hold is in their `shard_ops`."""
     from mindspore.ops import Primitive
 
     own_modules = {"research.deepseek3.layers", "research.deepseek3.mla", "research.deepseek3.decoder",
-                   "research.deepseek3.mtp", "research.deepseek3.head", "research.deepseek3.deepseek3_model"}
+                   "research.deepseek3.mtp", "research.deepseek3.head", "research.deepseek3.deepseek3_model",
+                   "research.deepseek3.moe"}
     checked = 0
     for path, cell in tiny_model.cells_and_names():
         if type(cell).__module__ not in own_modules:
@@ -197,12 +203,12 @@ def test_forced_application_sets_every_declared_strategy_and_outputs_do_not_chan
     labels = ms.Tensor((np.arange(16, dtype=np.int32).reshape(2, 8) * 7) % 512)
     before = [tiny_model(ids).asnumpy()] + [item.asnumpy() for item in tiny_model(ids, labels)]
     pc = ParallelConfig.from_dict(dict(data_parallel=2, model_parallel=2, expert_parallel=2, use_seq_parallel=True))
-    report = apply_shard_strategies(tiny_model, pc, force=True)
+    report = apply_shard_strategies(tiny_model, pc, SHARD_TABLE, force=True)
     assert report.applied and len(report.planned) > 100
     cells = dict(tiny_model.cells_and_names())
     for path, attribute, kind, strategy in report.planned:
         primitive = getattr(cells[path], attribute)
-        assert primitive.attrs["in_strategy"] == strategy == op_strategy(kind, pc), (path, attribute)
+        assert primitive.attrs["in_strategy"] == strategy == op_strategy(kind, pc, SHARD_TABLE), (path, attribute)
     o_proj = tiny_model.model.layers[0].self_attn.o_proj.matmul       # row parallel: reduce-scatter under SP
     assert o_proj.attrs["in_strategy"] == ((2, 2), (1, 2)) and o_proj.attrs["out_strategy"] == ((4, 1),)
     core = tiny_model.model.layers[0].self_attn.core
@@ -217,7 +223,7 @@ def test_row_parallel_projections_reduce_scatter_under_sequence_parallel():
     from mindpretrain.parallel.strategies import op_out_strategy
 
     pc = ParallelConfig.from_dict(dict(data_parallel=2, model_parallel=4, use_seq_parallel=True))
-    assert op_out_strategy("attention.o_proj", pc) == ((8, 1),)
-    assert op_out_strategy("mlp.down_proj", pc) == ((8, 1),)
-    assert op_out_strategy("attention.q_b_proj", pc) is None
-    assert op_out_strategy("attention.o_proj", ParallelConfig.from_dict(dict(model_parallel=4))) is None
+    assert op_out_strategy("attention.o_proj", pc, SHARD_TABLE) == ((8, 1),)
+    assert op_out_strategy("mlp.down_proj", pc, SHARD_TABLE) == ((8, 1),)
+    assert op_out_strategy("attention.q_b_proj", pc, SHARD_TABLE) is None
+    assert op_out_strategy("attention.o_proj", ParallelConfig.from_dict(dict(model_parallel=4)), SHARD_TABLE) is None

@@ -35,7 +35,8 @@ def run(wikitext_prefix, tmp_path_factory):
     import mindpretrain.training  # noqa: F401
     from mindpretrain import registry
     from mindpretrain.config import load_config
-    from mindpretrain.training import launch
+    from mindpretrain.model_builder import build_model
+    from mindpretrain.training.settings import RunSettings
     from mindpretrain.training.trainer import Trainer
 
     registry.import_register_path(str(PROJECT_ROOT / "research" / "deepseek3"))
@@ -50,7 +51,7 @@ def run(wikitext_prefix, tmp_path_factory):
     config["callbacks"][1]["save_checkpoint_steps"] = SAVE_AT
     model_config, model = build_model(config, "CPU")
     output = tmp_path_factory.mktemp("tiny")
-    trainer = Trainer(config, model, model_config, output_dir=str(output))
+    trainer = Trainer(RunSettings.from_config(config, output_dir=str(output)), model, model_config)
     bias_steps = []
     apply_bias = trainer._reduce_expert_load
 
@@ -118,6 +119,7 @@ def test_load_checkpoint_accepts_a_hugging_face_directory(tmp_path):
     from mindpretrain.checkpoint.safetensors_io import open_safetensors, read_checkpoint_dir
     from mindpretrain.config import load_config
     from mindpretrain.training.checkpoint import CheckpointError
+    from mindpretrain.training.settings import RunSettings
     from mindpretrain.training.trainer import Trainer
     from research.deepseek3.deepseek3_config import DeepseekV3Config
     from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
@@ -125,13 +127,15 @@ def test_load_checkpoint_accepts_a_hugging_face_directory(tmp_path):
     _, hf_dir = build_tiny_hf_deepseek_v3(tmp_path)
     model_config = DeepseekV3Config.from_hf(hf_dir)
     config = load_config(str(TINY), ["train_dataset.data_loader.config.seq_length=16"])
-    trainer = Trainer(config, DeepseekV3ForCausalLM(model_config), model_config, output_dir=str(tmp_path / "out"))
-    trainer.load_weights(hf_dir)
+    trainer = Trainer(RunSettings.from_config(config, output_dir=str(tmp_path / "out")),
+                      DeepseekV3ForCausalLM(model_config), model_config)
+    trainer.checkpoints.load_weights(hf_dir)
     located = read_checkpoint_dir(hf_dir)
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.gate.e_score_correction_bias", "lm_head.weight"):
         with open_safetensors(located[name]) as handle:
             np.testing.assert_array_equal(trainer.params[name].asnumpy(), handle.get(name).astype(np.float32))
     other_config = model_config.replace(hidden_size=32, q_lora_rank=16)
-    other = Trainer(config, DeepseekV3ForCausalLM(other_config), other_config, output_dir=str(tmp_path / "other"))
+    other = Trainer(RunSettings.from_config(config, output_dir=str(tmp_path / "other")),
+                    DeepseekV3ForCausalLM(other_config), other_config)
     with pytest.raises(CheckpointError, match=hf_dir):
-        other.load_weights(hf_dir)
+        other.checkpoints.load_weights(hf_dir)

@@ -16,9 +16,12 @@ from conftest import STANDIN_MODEL, STANDIN_VOCAB, write_dataset
 
 ms = pytest.importorskip("mindspore")
 
-from mindpretrain.config import ConfigError, load_config  # noqa: E402
+from mindpretrain.config import load_config  # noqa: E402
+
+from mindpretrain.validation import ConfigError  # noqa: E402
 from mindpretrain.training import checkpoint as ckpt  # noqa: E402
 from mindpretrain.model_builder import build_model  # noqa: E402
+from mindpretrain.training.settings import RunSettings  # noqa: E402
 from mindpretrain.training.trainer import Trainer, TrainingError  # noqa: E402
 
 STANDIN = STANDIN_MODEL
@@ -35,7 +38,7 @@ def make_config(standin_corpus, *overrides):
 
 def make_trainer(config, output_dir):
     model_config, model = build_model(config, "CPU")
-    return Trainer(config, model, model_config, output_dir=str(output_dir))
+    return Trainer(RunSettings.from_config(config, output_dir=str(output_dir)), model, model_config)
 
 
 def params_of(trainer):
@@ -217,7 +220,7 @@ def test_settings_are_validated_before_training(standin_corpus):
 def test_load_checkpoint_takes_weights_only(uninterrupted, standin_corpus, tmp_path):
     reference, _, output = uninterrupted
     finetune = make_trainer(make_config(standin_corpus, "runner_config.train_steps=1"), tmp_path)
-    finetune.load_weights(str(output / "checkpoint" / "step_00000012"))
+    finetune.checkpoints.load_weights(str(output / "checkpoint" / "step_00000012"))
     for name, param in finetune.params.items():
         np.testing.assert_array_equal(param.asnumpy(), reference.params[name].asnumpy(), err_msg=name)
     assert finetune.step == 0 and float(finetune.optimizer.adam_step.asnumpy()[0]) == 0.0
@@ -245,7 +248,7 @@ def test_sequence_longer_than_the_model_is_refused(standin_corpus):
     model_config, model = build_model(config, "CPU")
     model_config.seq_length = 16
     with pytest.raises(ConfigError, match=r"seq_length \(32\) must not exceed model.model_config.seq_length \(16\)"):
-        Trainer(config, model, model_config, output_dir="/nonexistent")
+        Trainer(RunSettings.from_config(config, output_dir="/nonexistent"), model, model_config)
 
 
 def test_without_train_steps_the_run_is_epochs_of_the_dataset(tmp_path):

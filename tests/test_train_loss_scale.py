@@ -14,12 +14,14 @@ from conftest import PROJECT_ROOT, STANDIN_MODEL, STANDIN_VOCAB
 ms = pytest.importorskip("mindspore")
 
 from mindpretrain import registry  # noqa: E402
-from mindpretrain.config import ConfigError, load_config  # noqa: E402
+from mindpretrain.config import load_config  # noqa: E402
+from mindpretrain.validation import ConfigError  # noqa: E402
 from mindpretrain.training import checkpoint as ckpt  # noqa: E402
 from mindpretrain.model_builder import build_model  # noqa: E402
 from mindpretrain.training.loss_scale import LossScaler, build_loss_scaler  # noqa: E402
 from mindpretrain.training.lr_schedule import build_lr_schedule  # noqa: E402
 from mindpretrain.training.progress import format_step_line  # noqa: E402
+from mindpretrain.training.settings import RunSettings  # noqa: E402
 from mindpretrain.training.trainer import Trainer  # noqa: E402
 
 STANDIN = STANDIN_MODEL
@@ -35,7 +37,7 @@ def make_trainer(standin_corpus, output_dir, *overrides, half=True):
         f"train_dataset.data_loader.config.data_path=[{standin_corpus}]", f"model.model_config.vocab_size={VOCAB}",
         *(["+model.model_config.compute_dtype=float16"] if half else []), *overrides])
     model_config, model = build_model(config, "CPU")
-    return Trainer(config, model, model_config, output_dir=str(output_dir))
+    return Trainer(RunSettings.from_config(config, output_dir=str(output_dir)), model, model_config)
 
 
 def state_of(trainer):
@@ -173,7 +175,7 @@ def test_injected_overflow_skips_the_update_and_halves_then_grows(standin_corpus
     assert float(trainer.optimizer.adam_step.asnumpy()[0]) == 9.0
     # the learning-rate schedule advances with applied updates only (MindFormers' optimizer global_step)
     applied_before = [0, 1, 1, 2, 3, 4, 5, 5, 6, 7, 8]
-    schedule = build_lr_schedule(trainer.config.get("lr_schedule"), 11)
+    schedule = build_lr_schedule(trainer.settings.run_config.get("lr_schedule"), 11)
     assert [m["lr"] for m in trainer.history] == [schedule(position) for position in applied_before]
     assert trainer.nan_in_a_row == 0
 
@@ -204,7 +206,7 @@ def test_tiny_deepseek_v3_in_float16_overflows_and_recovers(standin_corpus, tmp_
         "+runner_wrapper.scale_sense=" + DYNAMIC.format(value=2 ** 21, window=1)])
     model_config, model = build_model(config, "CPU")
     assert model_config.compute_dtype == "float16"
-    trainer = Trainer(config, model, model_config, output_dir=str(tmp_path))
+    trainer = Trainer(RunSettings.from_config(config, output_dir=str(tmp_path)), model, model_config)
     assert trainer.train()["status"] == "completed"
     scales = [m["loss_scale"] for m in trainer.history]
     skipped = [m["skipped"] for m in trainer.history]

@@ -16,11 +16,13 @@ ms = pytest.importorskip("mindspore")
 from mindspore.parallel.nn import Pipeline, PipelineGradReducer  # noqa: E402
 
 from mindpretrain import registry  # noqa: E402
-from mindpretrain.config import ConfigError, load_config  # noqa: E402
+from mindpretrain.config import load_config  # noqa: E402
+from mindpretrain.validation import ConfigError  # noqa: E402
 from mindpretrain.model_builder import build_model  # noqa: E402
-from mindpretrain.training import launch  # noqa: E402
+from mindpretrain.parallel.plan import PipelineWrapping  # noqa: E402
 from mindpretrain.training.train_step import (ForwardBackwardCell, PipelineForwardBackwardCell,  # noqa: E402
                                               expert_load_shape)
+from mindpretrain.training.settings import RunSettings  # noqa: E402
 from mindpretrain.training.trainer import Trainer  # noqa: E402
 
 STANDIN = STANDIN_MODEL
@@ -78,10 +80,11 @@ def test_trainer_takes_the_pipeline_step_only_when_asked(tmp_path):
             f"train_dataset.data_loader.config.data_path=[{prefix}]", f"model.model_config.vocab_size={VOCAB}",
             *overrides])
         model_config, model = build_model(config, "CPU")
-        return Trainer(config, model, model_config, output_dir=str(tmp_path / "out"), pipeline=pipeline)
+        return Trainer(RunSettings.from_config(config, output_dir=str(tmp_path / "out")), model, model_config,
+                       pipeline=pipeline)
 
     assert isinstance(trainer().forward_backward, ForwardBackwardCell)
-    wrapping = launch.PipelineWrapping(stages=2, micro_batch_num=4)
+    wrapping = PipelineWrapping(stages=2, micro_batch_num=4)
     step = trainer("runner_config.batch_size=8", pipeline=wrapping).forward_backward
     assert isinstance(step, PipelineForwardBackwardCell) and step.micro_batch_num == 4
     assert isinstance(step.grad_reducer, PipelineGradReducer)

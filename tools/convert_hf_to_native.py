@@ -1,7 +1,10 @@
 """Convert a HuggingFace DeepSeek-V3 checkpoint (official fp8 release, or bf16/fp32) into native weights.
 
     python tools/convert_hf_to_native.py --hf-dir /models/DeepSeek-V3 --output-dir /ckpt/deepseek3-native \\
-        [--dtype bf16|fp32] [--workers 4] [--max-shard-size 5GB]
+        [--dtype bf16|fp32] [--workers 4] [--max-shard-size 5GB] [--register_path research/deepseek3]
+
+The model plugin of --register_path (default: this project's research/deepseek3) is imported, and the model
+spec reading the directory's config.json `model_type` describes the names and shapes to expect.
 
 Streams shard by shard from memory-mapped files (peak memory about one source shard per worker, never the
 model), dequantises fp8 weights with their 128x128 `weight_scale_inv` blocks, keeps the MTP layers, checks every
@@ -9,11 +12,15 @@ tensor against the model's name/shape table before writing, and writes into a te
 --output-dir only when complete and verified. The result is what `run_mindformer.py --load_checkpoint` takes.
 """
 import argparse
+import os
 import sys
 
-from mindpretrain.checkpoint.conversion import DEFAULT_MAX_SHARD, ConversionError, convert_hf_to_native
+from mindpretrain import registry
+from mindpretrain.checkpoint.conversion import DEFAULT_MAX_SHARD, ConversionError, convert_hf_to_native, spec_of_hf_dir
 from mindpretrain.checkpoint.safetensors_io import SafetensorsError
-from mindpretrain.config import ConfigError
+from mindpretrain.validation import ConfigError
+
+DEFAULT_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "research", "deepseek3")
 
 
 def build_parser():
@@ -28,15 +35,18 @@ def build_parser():
                         help="processes writing shards in parallel (memory grows with each; default 1)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
                         help=f"largest output shard, e.g. 5GB or 500MB (default {DEFAULT_MAX_SHARD})")
+    parser.add_argument("--register_path", default=DEFAULT_PLUGIN,
+                        help="model plugin folder (default: this project's research/deepseek3)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        registry.import_register_path(args.register_path)
         convert_hf_to_native(args.hf_dir, args.output_dir, dtype=args.dtype, workers=args.workers,
-                             max_shard_size=args.max_shard_size)
-    except (ConversionError, ConfigError, SafetensorsError) as error:
+                             max_shard_size=args.max_shard_size, spec=spec_of_hf_dir(args.hf_dir))
+    except (ConversionError, ConfigError, SafetensorsError, FileNotFoundError) as error:
         print(f"convert_hf_to_native.py: error: {error}", file=sys.stderr)
         return 1
     return 0

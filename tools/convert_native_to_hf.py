@@ -2,20 +2,27 @@
 vLLM and SGLang.
 
     python tools/convert_native_to_hf.py --checkpoint /ckpt/deepseek3-native --output-dir /models/mine-hf \\
-        [--dtype bf16|fp32] [--fp8] [--tokenizer-dir /models/DeepSeek-V3] [--workers 4] [--max-shard-size 5GB]
+        [--dtype bf16|fp32] [--fp8] [--tokenizer-dir /models/DeepSeek-V3] [--workers 4] [--max-shard-size 5GB] \\
+        [--register_path research/deepseek3]
 
 The output has the release's names and shapes (MTP layers and their copies of the embedding/head included),
 `config.json`, sharded `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, and the tokenizer
 files of --tokenizer-dir. --fp8 re-quantises the weights the release quantises (every 2-D linear weight of the
 decoder blocks) to e4m3 with float32 128x128 `weight_scale_inv` blocks and adds the release's
 `quantization_config`. Written into a temporary directory renamed to --output-dir only when complete and verified.
+The model plugin of --register_path (default: this project's research/deepseek3) is imported; its model spec is
+found from the checkpoint's config.json `model_type` or config.yaml `model.model_config.type`.
 """
 import argparse
+import os
 import sys
 
-from mindpretrain.checkpoint.conversion import DEFAULT_MAX_SHARD, ConversionError, convert_native_to_hf
+from mindpretrain import registry
+from mindpretrain.checkpoint.conversion import DEFAULT_MAX_SHARD, ConversionError, convert_native_to_hf, spec_of_native
 from mindpretrain.checkpoint.safetensors_io import SafetensorsError
-from mindpretrain.config import ConfigError
+from mindpretrain.validation import ConfigError
+
+DEFAULT_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "research", "deepseek3")
 
 
 def build_parser():
@@ -33,16 +40,19 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
                         help=f"largest output shard, e.g. 5GB (default {DEFAULT_MAX_SHARD})")
+    parser.add_argument("--register_path", default=DEFAULT_PLUGIN,
+                        help="model plugin folder (default: this project's research/deepseek3)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        registry.import_register_path(args.register_path)
         convert_native_to_hf(args.checkpoint, args.output_dir, dtype=args.dtype, quantise_fp8=args.fp8,
                              tokenizer_dir=args.tokenizer_dir, workers=args.workers,
-                             max_shard_size=args.max_shard_size)
-    except (ConversionError, ConfigError, SafetensorsError) as error:
+                             max_shard_size=args.max_shard_size, spec=spec_of_native(args.checkpoint))
+    except (ConversionError, ConfigError, SafetensorsError, FileNotFoundError) as error:
         print(f"convert_native_to_hf.py: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,12 +1,14 @@
 """Write the float32 logits a DeepSeek-V3 checkpoint gives for token ids — to verify a conversion or a load.
 
-    python tools/logits.py --checkpoint DIR --tokens ids.npy --output logits.npy [--device_target CPU]
+    python tools/logits.py --checkpoint DIR --tokens ids.npy --output logits.npy [--device_target CPU] \\
+        [--register_path research/deepseek3]
 
 DIR is an HF-layout directory (config.json + *.safetensors [+ index]; fp32, bf16 or the fp8 release) or a native
 weights directory of this project (same layout; a training checkpoint with config.yaml works too). ids.npy holds
 integer token ids [S] or [B, S]; the output is float32 [B, S, vocab] (main head; [1, S, vocab] for 1-D input).
 The model runs in float32, PyNative mode. Compare against another implementation with e.g.
-`numpy.abs(a - b).max()`.
+`numpy.abs(a - b).max()`. The model plugin of --register_path (default: this project's research/deepseek3) is
+imported; the model spec of the checkpoint's config builds the model (through the registry) and loads it.
 """
 import argparse
 import os
@@ -18,6 +20,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+DEFAULT_PLUGIN = os.path.join(_ROOT, "research", "deepseek3")
+# The model runs in float32 without recompute, whatever the checkpoint was trained with.
+FLOAT32_FIELDS = {"compute_dtype": "float32", "param_init_type": "float32", "layernorm_compute_type": "float32",
+                  "softmax_compute_type": "float32", "recompute": False}
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="logits.py", description=__doc__,
@@ -26,6 +33,8 @@ def build_parser():
     parser.add_argument("--tokens", required=True, help=".npy file of integer token ids, shape [S] or [B, S]")
     parser.add_argument("--output", required=True, help=".npy file to write (float32 [B, S, vocab])")
     parser.add_argument("--device_target", default="CPU", help="MindSpore device (default CPU)")
+    parser.add_argument("--register_path", default=DEFAULT_PLUGIN,
+                        help="model plugin folder (default: this project's research/deepseek3)")
     return parser
 
 
@@ -42,32 +51,38 @@ def read_tokens(path, vocab_size):
     return ids.astype(np.int32)
 
 
-def compute_logits(checkpoint, ids, device_target="CPU"):
+def load_plugin(register_path):
+    from mindpretrain import registry
+
+    registry.import_register_path(register_path)
+
+
+def compute_logits(checkpoint, ids, device_target="CPU", register_path=DEFAULT_PLUGIN):
     import mindspore as ms
 
-    from mindpretrain.checkpoint.conversion import deepseek_v3_spec, load_native_config
-    from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
-    from research.deepseek3.hf_weights import load_hf_weights
+    from mindpretrain import registry
+    from mindpretrain.checkpoint.conversion import load_native_config, spec_of_native
 
+    load_plugin(register_path)
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device(device_target)
-    cfg = load_native_config(checkpoint, deepseek_v3_spec())
-    cfg = cfg.replace(compute_dtype="float32", param_init_type="float32", layernorm_compute_type="float32",
-                      softmax_compute_type="float32", recompute=False, seq_length=max(ids.shape[1], 1))
-    model = DeepseekV3ForCausalLM(cfg)
-    load_hf_weights(model, checkpoint, allow_missing_mtp=True)
+    spec = spec_of_native(checkpoint)
+    model_config = load_native_config(checkpoint, spec, seq_length=max(ids.shape[1], 1), **FLOAT32_FIELDS)
+    model = registry.get("model", spec.model_class)(model_config)
+    spec.load_hf_weights(model, checkpoint, allow_missing_mtp=True)
     model.set_train(False)
     return model(ms.Tensor(ids)).asnumpy().astype(np.float32)
 
 
 def main(argv=None):
-    from mindpretrain.checkpoint.conversion import deepseek_v3_spec, load_native_config
+    from mindpretrain.checkpoint.conversion import load_native_config
     from mindpretrain.utils.atomic_files import atomic_write
 
     args = build_parser().parse_args(argv)
-    cfg = load_native_config(args.checkpoint, deepseek_v3_spec())
-    ids = read_tokens(args.tokens, cfg.vocab_size)
-    logits = compute_logits(args.checkpoint, ids, args.device_target)
+    load_plugin(args.register_path)
+    model_config = load_native_config(args.checkpoint)
+    ids = read_tokens(args.tokens, model_config.vocab_size)
+    logits = compute_logits(args.checkpoint, ids, args.device_target, args.register_path)
     with atomic_write(args.output) as handle:
         np.save(handle, logits)
     print(f"wrote {args.output}: float32 {list(logits.shape)}")

@@ -28,9 +28,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from mindpretrain import registry  # noqa: E402
-from mindpretrain.config import ConfigError, load_config, parse_override_args  # noqa: E402
+from mindpretrain.config import load_config, parse_override_args  # noqa: E402
 from mindpretrain.registry import RegistryError  # noqa: E402
+from mindpretrain.validation import ConfigError  # noqa: E402
 from mindpretrain.model_builder import build_model_config  # noqa: E402
+from mindpretrain.model_spec import spec_for_config  # noqa: E402
 from mindpretrain.parallel.layouts import kind_summary  # noqa: E402
 from mindpretrain.parallel.parallel_config import ParallelConfig  # noqa: E402
 from mindpretrain.planning.cost_model import (GIB, TrainingSetup, build_plan, model_facts,  # noqa: E402
@@ -47,11 +49,11 @@ def parse_bytes(text):
     return float(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
-def device_memory_budget(config, option):
+def device_memory_budget(run_config, option):
     """--device-memory, else the YAML's context.max_device_memory (MindSpore reads its "GB" as GiB), else 64GiB."""
     if option:
         return parse_bytes(option)
-    configured = (config.get("context") or {}).get("max_device_memory")
+    configured = (run_config.get("context") or {}).get("max_device_memory")
     if configured:
         match = re.fullmatch(r"\s*([0-9.]+)\s*GB\s*", str(configured))
         if match:
@@ -63,17 +65,17 @@ def device_memory_budget(config, option):
 # ------------------------------------------------------------------------------------------ loading
 def load_run(config_path, overrides=(), register_path=None):
     """(run config, model config, ParallelConfig) exactly as training builds them (no model weights)."""
-    config = load_config(config_path, overrides)
+    run_config = load_config(config_path, overrides)
     registry.import_register_path(register_path or os.path.join(ROOT, "research", "deepseek3"))
-    model_config = build_model_config(config)
-    return config, model_config, ParallelConfig.from_run_config(config)
+    model_config = build_model_config(run_config)
+    return run_config, model_config, ParallelConfig.from_run_config(run_config)
 
 
-def training_setup(config, model_config, args):
-    runner = config.get("runner_config") or {}
-    parallel = config.get("parallel") or {}
+def training_setup(run_config, model_config, args):
+    runner = run_config.get("runner_config") or {}
+    parallel = run_config.get("parallel") or {}
     optimizer_cfg = parallel.get("parallel_optimizer_config") or {}
-    device_target = str(((config.get("context") or {}).get("device_target")) or "Ascend")
+    device_target = str(((run_config.get("context") or {}).get("device_target")) or "Ascend")
     fused = args.fused_kernels
     if fused is None:
         # Ascend runs fused kernels (flash attention, ...); CPU runs this repository's reference ops
@@ -89,7 +91,8 @@ def training_setup(config, model_config, args):
 # ------------------------------------------------------------------------------------------ suggestions
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """One change to the run the planner may suggest; `apply` maps (pc, setup, offload) to the changed ones."""
+    """One change to the run the planner may suggest; `apply` maps (parallel config, setup, offload) to the
+    changed ones."""
 
     description: str
     apply: object
@@ -97,15 +100,15 @@ class Change:
     cost: int = 1            # how much it disturbs the run: throughput lost, global batch changed, ...
 
 
-def candidate_changes(model_cfg, pc, setup):
+def candidate_changes(model_config, parallel_config, setup):
     """Single changes, gentlest first: optimizer sharding, recompute, offset, vocabulary split, offload, more
     pipeline stages."""
     from mindpretrain.parallel.pipeline import place_layers
 
-    total = model_cfg.num_hidden_layers + (model_cfg.num_nextn_predict_layers or 0)
-    current = tuple(setup.recompute or getattr(model_cfg, "recompute", None) or ("none",) * total)
+    total = model_config.num_hidden_layers + (model_config.num_nextn_predict_layers or 0)
+    current = tuple(setup.recompute or getattr(model_config, "recompute", None) or ("none",) * total)
     changes = []
-    if not pc.optimizer_shard:
+    if not parallel_config.optimizer_shard:
         changes.append(Change("enable optimizer sharding (parallel.enable_parallel_optimizer: True)",
                               lambda p, s, o: (dataclasses.replace(p, optimizer_shard=True), s, o)))
     if any(mode == "none" for mode in current):
@@ -116,21 +119,24 @@ def candidate_changes(model_cfg, pc, setup):
         changes.append(Change("full recompute on every layer (recompute_config.recompute: True)",
                               lambda p, s, o: (p, dataclasses.replace(s, recompute=("full",) * total), o),
                               "recompute", cost=2))
-    placement = place_layers(model_cfg, pc)
+    placement = place_layers(model_config, parallel_config)
     if not placement.explicit_offset and not placement.balanced:
         offset = tuple(placement.suggested_offset())
         changes.append(Change(f"balance the pipeline with offset: {list(offset)}",
                               lambda p, s, o, offset=offset: (dataclasses.replace(p, offset=offset), s, o),
                               "pipeline"))
-    if pc.vocab_emb_dp and pc.model_parallel > 1 and model_cfg.vocab_size % pc.model_parallel == 0:
+    mp = parallel_config.model_parallel
+    if parallel_config.vocab_emb_dp and mp > 1 and model_config.vocab_size % mp == 0:
         changes.append(Change("split embedding and head rows over model_parallel (parallel_config.vocab_emb_dp: False)",
                               lambda p, s, o: (dataclasses.replace(p, vocab_emb_dp=False), s, o)))
     changes.append(Change("offload optimizer state to host memory", lambda p, s, o: (p, s, True), cost=3))
-    if pc.data_parallel % 2 == 0 and total >= 2 * pc.pipeline_stage and \
-            (pc.data_parallel // 2) % pc.expert_parallel == 0:
-        doubled = dataclasses.replace(pc, pipeline_stage=2 * pc.pipeline_stage, data_parallel=pc.data_parallel // 2,
-                                      micro_batch_num=max(pc.micro_batch_num, 2 * pc.pipeline_stage), offset=0)
-        offset = tuple(place_layers(model_cfg, doubled).suggested_offset())
+    if parallel_config.data_parallel % 2 == 0 and total >= 2 * parallel_config.pipeline_stage and \
+            (parallel_config.data_parallel // 2) % parallel_config.expert_parallel == 0:
+        pp = parallel_config.pipeline_stage
+        doubled = dataclasses.replace(parallel_config, pipeline_stage=2 * pp,
+                                      data_parallel=parallel_config.data_parallel // 2,
+                                      micro_batch_num=max(parallel_config.micro_batch_num, 2 * pp), offset=0)
+        offset = tuple(place_layers(model_config, doubled).suggested_offset())
         changes.append(Change(
             f"pipeline_stage {doubled.pipeline_stage}, data_parallel {doubled.data_parallel}, "
             f"micro_batch_num {doubled.micro_batch_num}, offset {list(offset)}",
@@ -145,7 +151,7 @@ def _worst_total(plan, offload):
     return max(stage.total - (stage.optimizer if offload else 0.0) for stage in plan.stages)
 
 
-def suggest(model_cfg, pc, setup, budget, device, peak_tflops, facts=None, max_changes=3):
+def suggest(model_config, parallel_config, setup, budget, device, peak_tflops, facts, max_changes=3):
     """The gentlest set of changes (lowest summed cost, then fewest) whose plan fits `budget`, and what was tried.
 
     Every single change is evaluated and reported; combinations of up to `max_changes` changes are
@@ -153,18 +159,18 @@ def suggest(model_cfg, pc, setup, budget, device, peak_tflops, facts=None, max_c
     """
     import itertools
 
-    facts = facts or model_facts(model_cfg)
-    changes = candidate_changes(model_cfg, pc, setup)
+    changes = candidate_changes(model_config, parallel_config, setup)
     results = {}
 
     def evaluate(combo):
         if combo not in results:
-            new_pc, new_setup, offload = pc, setup, False
+            changed, new_setup, offload = parallel_config, setup, False
             for change in combo:
-                new_pc, new_setup, offload = change.apply(new_pc, new_setup, offload)
+                changed, new_setup, offload = change.apply(changed, new_setup, offload)
             try:
-                new_pc.validate(model_cfg, new_pc.device_num)
-                plan = build_plan(model_cfg, new_pc, new_setup, device, peak_tflops, facts=facts)
+                changed.validate(model_config, changed.device_num)
+                plan = build_plan(model_config, changed, new_setup, device=device, peak_tflops=peak_tflops,
+                                  facts=facts)
                 results[combo] = {"worst_stage_bytes": _worst_total(plan, offload)}
             except ConfigError as error:
                 results[combo] = {"error": str(error)}
@@ -187,12 +193,12 @@ def suggest(model_cfg, pc, setup, budget, device, peak_tflops, facts=None, max_c
 
 # ------------------------------------------------------------------------------------------ output
 def plan_to_dict(plan, budget, suggestion):
-    pc, cfg = plan.parallel_config, plan.model_cfg
+    parallel_config, model_config = plan.parallel_config, plan.model_config
     counts = {key: value for key, value in plan.counts.items() if key != "by_group"}
     worst = plan.worst_stage
     return {
-        "parallel_config": pc.to_dict(),
-        "devices": pc.device_num,
+        "parallel_config": parallel_config.to_dict(),
+        "devices": parallel_config.device_num,
         "parameters": counts,
         "parameters_by_group": dict(plan.counts.get("by_group", {})),
         "setup": dataclasses.asdict(plan.setup),
@@ -212,7 +218,7 @@ def plan_to_dict(plan, budget, suggestion):
         "worst_stage_bytes": worst.total,
         "device_memory_bytes": budget,
         "fits": worst.total <= budget,
-        "optimizer_factor": optimizer_factor(cfg),
+        "optimizer_factor": optimizer_factor(model_config),
         "communication_bytes_per_step": plan.communication,
         "flops_per_token": plan.flops_per_token,
         "device": plan.device,
@@ -226,16 +232,18 @@ def _gib(value):
 
 
 def format_plan(plan, budget, suggestion):
-    pc, cfg, counts = plan.parallel_config, plan.model_cfg, plan.counts
+    parallel_config, model_config, counts = plan.parallel_config, plan.model_config, plan.counts
     lines = []
     add = lines.append
-    add(f"layout: dp {pc.data_parallel} x mp {pc.model_parallel} x pp {pc.pipeline_stage} = {pc.device_num} devices;"
-        f" ep {pc.expert_parallel} (expert tp {pc.expert_tensor_parallel}), micro_batch_num {pc.micro_batch_num},"
-        f" seq_parallel {pc.use_seq_parallel}, vocab_emb_dp {pc.vocab_emb_dp}, optimizer_shard {pc.optimizer_shard}")
+    add(f"layout: dp {parallel_config.data_parallel} x mp {parallel_config.model_parallel} x pp "
+        f"{parallel_config.pipeline_stage} = {parallel_config.device_num} devices; ep "
+        f"{parallel_config.expert_parallel} (expert tp {parallel_config.expert_tensor_parallel}), micro_batch_num "
+        f"{parallel_config.micro_batch_num}, seq_parallel {parallel_config.use_seq_parallel}, vocab_emb_dp "
+        f"{parallel_config.vocab_emb_dp}, optimizer_shard {parallel_config.optimizer_shard}")
     setup = plan.setup
     kernels = "fused (flash attention; Ascend)" if setup.fused_kernels else "reference (CPU ops)"
     add(f"step: micro batch {setup.micro_batch_size} x seq {setup.seq_length}, kernels {kernels}, "
-        f"params {cfg.param_init_type}, compute {cfg.compute_dtype}")
+        f"params {model_config.param_init_type}, compute {model_config.compute_dtype}")
     add("")
     add("parameters")
     for key in ("total_main", "mtp", "total_with_mtp", "activated_main", "activated_mtp"):
@@ -261,7 +269,7 @@ def format_plan(plan, budget, suggestion):
         add(f"  {layout.kind:<26} {str(layout.shape):<18} {str(layout.split):<10} {str(layout.shard_shape):<18} "
             f"{layout.expert_parallel:>3} {layout.replicas:>6}")
     add("")
-    add("memory per device, GiB (optimizer factor %.1fx weights)" % optimizer_factor(cfg))
+    add("memory per device, GiB (optimizer factor %.1fx weights)" % optimizer_factor(model_config))
     add(f"  {'stage':>5} {'layers':>6} {'weights':>8} {'grads':>8} {'optim':>8} {'gather':>8} {'activ':>8} "
         f"{'total':>8} {'no-recomp':>9}")
     for stage in plan.stages:
@@ -316,17 +324,20 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     try:
         overrides = parse_override_args(rest)
-        config, model_cfg, pc = load_run(args.config, overrides, args.register_path)
-        pc.validate(model_cfg, args.devices if args.devices is not None else pc.device_num)
-        budget = device_memory_budget(config, args.device_memory)
-        setup = training_setup(config, model_cfg, args)
-        facts = model_facts(model_cfg)
-        plan = build_plan(model_cfg, pc, setup, args.device, args.peak_tflops, facts=facts)
+        run_config, model_config, parallel_config = load_run(args.config, overrides, args.register_path)
+        devices = args.devices if args.devices is not None else parallel_config.device_num
+        parallel_config.validate(model_config, devices)
+        budget = device_memory_budget(run_config, args.device_memory)
+        setup = training_setup(run_config, model_config, args)
+        facts = model_facts(model_config, spec_for_config(model_config))
+        plan = build_plan(model_config, parallel_config, setup, device=args.device, peak_tflops=args.peak_tflops,
+                          facts=facts)
     except (ConfigError, RegistryError) as error:
         print(f"invalid configuration: {error}", file=sys.stderr)
         return 2
     fits = plan.worst_stage.total <= budget
-    suggestion = None if fits else suggest(model_cfg, pc, setup, budget, args.device, args.peak_tflops, facts)
+    suggestion = None if fits else suggest(model_config, parallel_config, setup, budget, args.device,
+                                           args.peak_tflops, facts)
     if args.json:
         print(json.dumps(plan_to_dict(plan, budget, suggestion), indent=1, default=_json_default))
     else:

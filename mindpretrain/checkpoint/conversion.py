@@ -1,14 +1,17 @@
-"""HuggingFace DeepSeek-V3 checkpoints in and out, in bounded memory, all or nothing.
+"""HuggingFace checkpoints in and out, in bounded memory, all or nothing.
 
-`convert_hf_to_native(hf_dir, output_dir)` turns a HuggingFace directory (the official fp8 release with 128x128
-`weight_scale_inv` blocks, or bf16/fp32) into our native weights; `convert_native_to_hf(checkpoint, output_dir)`
-writes an HF directory that transformers and vLLM/SGLang load, optionally re-quantised to fp8 blocks.
+`convert_hf_to_native(hf_dir, output_dir)` turns a HuggingFace directory (e.g. DeepSeek-V3's official fp8
+release with 128x128 `weight_scale_inv` blocks, or bf16/fp32) into our native weights;
+`convert_native_to_hf(checkpoint, output_dir)` writes an HF directory that transformers and vLLM/SGLang load,
+optionally re-quantised to fp8 blocks. What the model looks like (its config, parameter names and shapes, the
+copies its release stores) comes from its `ModelSpec` (`mindpretrain.model_spec`): passed in, or found from the
+directory's config.json `model_type` or a training checkpoint's config.yaml.
 
 Native weights directory (what `run_mindformer.py --load_checkpoint` is given):
-    model-0000i-of-0000n.safetensors   tensors by their HF names (`research/deepseek3/weight_mapping.py`),
+    model-0000i-of-0000n.safetensors   tensors by their HF names (the spec's `parameter_specs`),
                                        bf16 or fp32, the expert-score bias always fp32; MTP layers kept
     model.safetensors.index.json       name -> shard
-    config.json                        `DeepseekV3Config.to_hf_dict()`, so `DeepseekV3Config.from_hf` reads it
+    config.json                        the spec's `hf_config_dict`, so its `config_from_hf` reads it back
     mindpretrain_checkpoint.json       marker: format, dtype, where it came from, duplicates dropped
 
 How memory stays bounded: the plan is made from headers only; shards are then written one at a time from
@@ -30,6 +33,8 @@ from mindpretrain.checkpoint.conversion_io import (
 from mindpretrain.checkpoint.safetensors_io import OpenFiles
 from mindpretrain.checkpoint.conversion_plan import (
     ConversionError, Problems, TensorJob, inventory, layout_shards, match_sources, parse_size)
+from mindpretrain.model_spec import spec_for_config_type, spec_for_model_type
+from mindpretrain.registry import RegistryError
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("conversion")
@@ -45,24 +50,74 @@ _DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The model description a conversion needs (DeepSeek-V3 from research/deepseek3)
+# Which model a directory holds
 # ----------------------------------------------------------------------------------------------------------
 
-def deepseek_v3_spec():
-    """Functions describing DeepSeek-V3: imported here so the library core stays model-agnostic."""
-    from research.deepseek3 import weight_mapping
-    from research.deepseek3.deepseek3_config import DeepseekV3Config
+def _read_json(path):
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot read {path}: {error}") from None
 
-    return {
-        "config_from_hf": DeepseekV3Config.from_hf,
-        "config_from_model_config": lambda values: DeepseekV3Config(
-            **{k: v for k, v in values.items() if k != "type"}),
-        "expected_shapes": weight_mapping.hf_parameter_shapes,
-        "duplicates": weight_mapping.release_duplicates,
-        "hf_config_dict": lambda cfg, torch_dtype: cfg.to_hf_dict(torch_dtype=torch_dtype),
-        "describe": lambda cfg: ", ".join(f"{k}={getattr(cfg, k)}" for k in (
-            "hidden_size", "num_hidden_layers", "n_routed_experts", "vocab_size", "num_nextn_predict_layers")),
-    }
+
+def _spec_lookup(find, key):
+    try:
+        return find(key)
+    except RegistryError as error:
+        raise ConversionError(str(error)) from None
+
+
+def spec_of_hf_dir(hf_dir):
+    """The registered spec of an HF (or native) directory, from its config.json `model_type`."""
+    path = os.path.join(str(hf_dir), "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} does not exist: an HF checkpoint directory holds config.json")
+    model_type = _read_json(path).get("model_type")
+    if not model_type:
+        raise ConversionError(f"{path} has no model_type: cannot tell which model it holds")
+    return _spec_lookup(spec_for_model_type, model_type)
+
+
+def _training_model_config(checkpoint):
+    """The `model.model_config` mapping of a training checkpoint's config.yaml ({} when there is none)."""
+    yaml_path = os.path.join(checkpoint, "config.yaml")
+    if not os.path.isfile(yaml_path):
+        return {}
+    import yaml
+
+    with open(yaml_path, "r", encoding="utf-8") as handle:
+        run_config = yaml.safe_load(handle) or {}
+    return dict((run_config.get("model") or {}).get("model_config") or {})
+
+
+def spec_of_native(checkpoint):
+    """The registered spec of a native weights directory (config.json) or a training checkpoint (config.yaml's
+    `model.model_config.type`)."""
+    if not os.path.isdir(checkpoint):
+        raise ConversionError(f"checkpoint directory {checkpoint} does not exist")
+    if os.path.isfile(os.path.join(checkpoint, "config.json")):
+        return spec_of_hf_dir(checkpoint)
+    type_name = _training_model_config(checkpoint).get("type")
+    if not type_name:
+        raise ConversionError(f"{checkpoint} has neither config.json nor a config.yaml with model.model_config.type:"
+                              " cannot tell which model it holds")
+    return _spec_lookup(spec_for_config_type, type_name)
+
+
+def load_native_config(checkpoint, spec=None, **overrides):
+    """The model config of a native weights directory (config.json) or a training checkpoint (config.yaml),
+    with training fields in `overrides` (e.g. compute_dtype) set."""
+    spec = spec or spec_of_native(checkpoint)
+    if not os.path.isdir(checkpoint):
+        raise ConversionError(f"checkpoint directory {checkpoint} does not exist")
+    if os.path.isfile(os.path.join(checkpoint, "config.json")):
+        return spec.config_from_hf(checkpoint, **overrides)
+    model_config = _training_model_config(checkpoint)
+    if model_config:
+        return spec.config_from_dict({**model_config, **overrides})
+    raise ConversionError(f"{checkpoint} has neither config.json nor a config.yaml with model.model_config: "
+                          "cannot tell which model it holds")
 
 
 def _out_dtype(dtype):
@@ -174,35 +229,36 @@ def _execute(shards, directory, label, workers, metadata):
 # ----------------------------------------------------------------------------------------------------------
 
 def plan_hf_to_native(hf_dir, dtype="bf16", max_shard_size=DEFAULT_MAX_SHARD, spec=None):
-    """(cfg, shards, duplicate checks) for converting `hf_dir`; raises ConversionError listing every problem."""
-    spec = spec or deepseek_v3_spec()
+    """(model config, shards, duplicate checks) for converting `hf_dir`; raises ConversionError listing every
+    problem. `spec`: the model's ModelSpec (default: found from config.json's model_type)."""
+    spec = spec or spec_of_hf_dir(hf_dir)
     out_dtype = _out_dtype(dtype)
-    cfg = spec["config_from_hf"](hf_dir)
-    expected = spec["expected_shapes"](cfg)
-    duplicates = spec["duplicates"](cfg)
+    model_config = spec.config_from_hf(hf_dir)
+    expected = spec.parameter_shapes(model_config)
+    duplicates = spec.release_duplicates(model_config)
     problems = Problems()
     found = inventory(hf_dir, problems)
     sources, duplicate_sources = match_sources(found, expected, problems, duplicates)
-    problems.raise_if_any(f"HF checkpoint {hf_dir} does not fit its config.json ({spec['describe'](cfg)})")
+    problems.raise_if_any(f"HF checkpoint {hf_dir} does not fit its config.json ({spec.describe(model_config)})")
     jobs = [TensorJob(name, tensor, _dtype_for(name, out_dtype), scale=scale)
             for name, (tensor, scale) in sources.items()]
     found_order = {name: position for position, name in enumerate(found)}
     jobs.sort(key=lambda job: (job.source.path, found_order[job.source.name]))
     checks = [(copy, duplicate_sources[copy], sources[original][0], original)
               for copy, original in duplicates.items() if copy in duplicate_sources]
-    return cfg, layout_shards(jobs, parse_size(max_shard_size)), checks
+    return model_config, layout_shards(jobs, parse_size(max_shard_size)), checks
 
 
 def convert_hf_to_native(hf_dir, output_dir, dtype="bf16", workers=1, max_shard_size=DEFAULT_MAX_SHARD, spec=None):
-    """Convert an HF DeepSeek-V3 directory into native weights at `output_dir` (created; must not exist or be
-    empty). fp8 weights are dequantised with their block scales; MTP layers are kept; the release's MTP copies of
-    the embedding/head are checked against the originals and dropped. Returns a summary dict."""
+    """Convert an HF directory into native weights at `output_dir` (created; must not exist or be empty). fp8
+    weights are dequantised with their block scales; MTP layers are kept; the copies the release stores (e.g.
+    DeepSeek-V3's MTP embedding/head) are checked against the originals and dropped. Returns a summary dict."""
     _check_workers(workers)
     check_output_free(output_dir)
-    spec = spec or deepseek_v3_spec()
+    spec = spec or spec_of_hf_dir(hf_dir)
     started = time.monotonic()
-    cfg, shards, checks = plan_hf_to_native(hf_dir, dtype, max_shard_size, spec)
-    expected = spec["expected_shapes"](cfg)
+    model_config, shards, checks = plan_hf_to_native(hf_dir, dtype, max_shard_size, spec)
+    expected = spec.parameter_shapes(model_config)
     dropped = _check_duplicates(checks)
     fp8_count = sum(1 for shard in shards for job in shard.jobs if job.scale is not None)
     with _StagingDirectory(output_dir) as staging:
@@ -210,7 +266,7 @@ def convert_hf_to_native(hf_dir, output_dir, dtype="bf16", workers=1, max_shard_
         write_index(staging.path, shards)
         verified = verify_written(staging.path, shards, expected)
         torch_dtype = "bfloat16" if _out_dtype(dtype) == "BF16" else "float32"
-        _write_json(os.path.join(staging.path, "config.json"), spec["hf_config_dict"](cfg, torch_dtype))
+        _write_json(os.path.join(staging.path, "config.json"), spec.hf_config_dict(model_config, torch_dtype))
         summary = {"format": NATIVE_FORMAT, "format_version": 1, "dtype": torch_dtype,
                    "source": {"kind": "huggingface", "path": os.path.abspath(str(hf_dir)),
                               "fp8_weights_dequantised": fp8_count, "duplicates_dropped": dropped},
@@ -245,45 +301,27 @@ def _check_duplicates(checks):
 # native -> HF
 # ----------------------------------------------------------------------------------------------------------
 
-def load_native_config(checkpoint, spec):
-    """The model config of a native weights directory (config.json) or a training checkpoint (config.yaml)."""
-    if not os.path.isdir(checkpoint):
-        raise ConversionError(f"checkpoint directory {checkpoint} does not exist")
-    json_path = os.path.join(checkpoint, "config.json")
-    if os.path.isfile(json_path):
-        return spec["config_from_hf"](checkpoint)
-    yaml_path = os.path.join(checkpoint, "config.yaml")
-    if os.path.isfile(yaml_path):
-        import yaml
-
-        with open(yaml_path, "r", encoding="utf-8") as handle:
-            run = yaml.safe_load(handle) or {}
-        model_config = ((run.get("model") or {}).get("model_config")) or {}
-        if model_config:
-            return spec["config_from_model_config"](model_config)
-    raise ConversionError(f"{checkpoint} has neither config.json nor a config.yaml with model.model_config: "
-                          "cannot tell which model it holds")
-
-
 def plan_native_to_hf(checkpoint, dtype="bf16", quantise_fp8=False, max_shard_size=DEFAULT_MAX_SHARD, spec=None):
-    spec = spec or deepseek_v3_spec()
+    """(model config, shards) for exporting `checkpoint`; raises ConversionError listing every problem."""
+    spec = spec or spec_of_native(checkpoint)
     out_dtype = _out_dtype(dtype)
-    cfg = load_native_config(checkpoint, spec)
-    expected = spec["expected_shapes"](cfg)
+    model_config = load_native_config(checkpoint, spec)
+    expected = spec.parameter_shapes(model_config)
+    duplicates = spec.release_duplicates(model_config)
     problems = Problems()
     found = inventory(checkpoint, problems)
     sources, _ = match_sources(found, expected, problems, ignored_prefixes=IGNORED_NATIVE_PREFIXES)
-    problems.raise_if_any(f"checkpoint {checkpoint} does not fit its config ({spec['describe'](cfg)})")
+    problems.raise_if_any(f"checkpoint {checkpoint} does not fit its config ({spec.describe(model_config)})")
     jobs = []
     for name, (tensor, scale) in sources.items():
         quantise = quantise_fp8 and fp8.quantised_in_release(name, len(tensor.shape))
         jobs.append(TensorJob(name, tensor, _dtype_for(name, out_dtype), scale=scale, quantise=quantise))
-    for copy, original in spec["duplicates"](cfg).items():    # the release layout stores these copies
+    for copy, original in duplicates.items():    # the release layout stores these copies
         tensor, scale = sources[original]
         jobs.append(TensorJob(copy, tensor, out_dtype, scale=scale))
-    release_order = {name: i for i, name in enumerate(list(expected) + list(spec["duplicates"](cfg)))}
+    release_order = {name: i for i, name in enumerate(list(expected) + list(duplicates))}
     jobs.sort(key=lambda job: release_order[job.name])
-    return cfg, layout_shards(jobs, parse_size(max_shard_size))
+    return model_config, layout_shards(jobs, parse_size(max_shard_size))
 
 
 def convert_native_to_hf(checkpoint, output_dir, dtype="bf16", quantise_fp8=False, tokenizer_dir=None, workers=1,
@@ -293,16 +331,16 @@ def convert_native_to_hf(checkpoint, output_dir, dtype="bf16", quantise_fp8=Fals
     (128x128 blocks) and config.json gets the release's `quantization_config`. Returns a summary dict."""
     _check_workers(workers)
     check_output_free(output_dir)
-    spec = spec or deepseek_v3_spec()
+    spec = spec or spec_of_native(checkpoint)
     started = time.monotonic()
-    cfg, shards = plan_native_to_hf(checkpoint, dtype, quantise_fp8, max_shard_size, spec)
-    required = list(spec["expected_shapes"](cfg)) + list(spec["duplicates"](cfg))
+    model_config, shards = plan_native_to_hf(checkpoint, dtype, quantise_fp8, max_shard_size, spec)
+    required = list(spec.parameter_shapes(model_config)) + list(spec.release_duplicates(model_config))
     tokenizer_files = _tokenizer_files(tokenizer_dir)
     with _StagingDirectory(output_dir) as staging:
         progress = _execute(shards, staging.path, "native->hf", workers, {"format": "pt"})
         write_index(staging.path, shards)
         verified = verify_written(staging.path, shards, required)
-        config = spec["hf_config_dict"](cfg, "bfloat16" if _out_dtype(dtype) == "BF16" else "float32")
+        config = spec.hf_config_dict(model_config, "bfloat16" if _out_dtype(dtype) == "BF16" else "float32")
         if quantise_fp8:
             config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                              "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}

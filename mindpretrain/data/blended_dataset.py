@@ -6,7 +6,7 @@ weight — no randomness, and the same data_path blend gives the same stream in 
 """
 import numpy as np
 
-from mindpretrain.config import ConfigError
+from mindpretrain.validation import ConfigError
 from mindpretrain.data.index_builders import build_blending_indices
 from mindpretrain.data.index_cache import IndexCache
 

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from mindpretrain.config import ConfigError, require
+from mindpretrain.validation import ConfigError, require
 from mindpretrain.data.blended_dataset import BlendedDataset, normalize_weights
 from mindpretrain.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_document_ranges
 from mindpretrain.data.indexed_dataset import IndexedDataset

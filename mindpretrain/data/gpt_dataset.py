@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from mindpretrain.config import ConfigError, require
+from mindpretrain.validation import ConfigError, require
 from mindpretrain.data.index_builders import build_sample_index
 from mindpretrain.data.index_cache import IndexCache, file_digest
 from mindpretrain.utils.logging import get_logger

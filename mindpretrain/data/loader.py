@@ -6,7 +6,7 @@ with `G = micro_batch_size * dp_size`, and rank `r` takes the `r`-th run of `mic
 them (Megatron's pretraining sampler). Resuming from `consumed_samples` therefore continues the
 exact stream an uninterrupted run would have seen, on any number of ranks with the same G.
 """
-from mindpretrain.config import ConfigError, require
+from mindpretrain.validation import ConfigError, require
 from mindpretrain.data.dataset_builder import SPLIT_NAMES, build_gpt_datasets
 from mindpretrain.data.gpt_dataset import SAMPLE_COLUMNS
 from mindpretrain.registry import register

@@ -1,36 +1,29 @@
 """How each weight of the model is split across devices: the one table tensor parallelism is derived from.
 
-Every parameter name of the model (HF checkpoint names, from `research/deepseek3/weight_mapping.py`)
-matches exactly one *weight kind* below. A kind says which dimension of the weight (HF layout,
-`[out_features, in_features]` for projections) is split, and over which axis of the device mesh:
+The table is the model's `ShardTable` (`mindpretrain.model_spec`, filled by the plugin: DeepSeek-V3's is in
+`research/deepseek3/sharding.py`). Every parameter name of the model matches exactly one of its *weight
+kinds*. A kind says which dimension of the weight (HF layout, `[out_features, in_features]` for projections)
+is split, and over which axis of the device mesh:
 
 - `mp`    model (tensor) parallel, `parallel_config.model_parallel`
 - `emp`   tensor parallel inside one routed expert (`moe_config.expert_model_parallel`, default `mp`)
 - `vocab` the vocabulary rows of embedding and head: `mp`, or 1 when `vocab_emb_dp` keeps them whole
+- `None`  not split
 
-Column-parallel projections split their output rows (`q_b_proj`, `kv_b_proj`, `gate_proj`, `up_proj`:
-each device computes whole heads / a slice of the FFN width), row-parallel ones split their input
-columns (`o_proj`, `down_proj`: partial sums, all-reduced or reduce-scattered under sequence parallel).
-The low-rank down projections (`q_a_proj`, `kv_a_proj_with_mqa`), norms, the router and MTP's
-`eh_proj` are small and stay whole on every device, as in MindFormers' DeepSeek-V3. Routed experts
-are additionally distributed over `expert_parallel`: each device holds `n_routed_experts / ep` of
-them (the `expert` flag below).
+Column-parallel projections split their output rows (each device computes whole heads / a slice of the FFN
+width), row-parallel ones split their input columns (partial sums, all-reduced or reduce-scattered under
+sequence parallel). Routed experts are additionally distributed over `expert_parallel`: each device holds
+`n_routed_experts / ep` of them (the kind's `expert` flag).
 
 `strategies.py` derives the MindSpore `.shard()` tuples of the matmuls from this same table, and the
 planner derives per-device memory from it, so the three cannot disagree.
 """
 import dataclasses
-import functools
 import math
 import re
 from typing import Optional, Tuple
 
-from mindpretrain.config import ConfigError
-
-from research.deepseek3.sharding import WEIGHT_KINDS  # noqa: E402  (transitional: moves to the model spec)
-
-_COMPILED = tuple((kind, re.compile(pattern + r"$"), split, expert) for kind, pattern, split, expert in WEIGHT_KINDS)
-KIND_SPLITS = {kind: split for kind, _, split, _ in WEIGHT_KINDS}
+from mindpretrain.validation import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +38,7 @@ class WeightLayout:
     expert_parallel: int            # >1: this (routed expert) tensor lives on 1/ep of the stage's devices
     stages: Tuple[int, ...]         # pipeline stages holding a copy
     replicas: int                   # devices of one stage holding the identical shard (optimizer-shard group)
+    layer: Optional[int] = None     # layer index (MTP layers after the main ones), None for unlayered weights
 
     @property
     def numel(self):
@@ -63,21 +57,45 @@ class WeightLayout:
 _INDEX = re.compile(r"\.(\d+)\.")
 
 
-def weight_kind(name):
-    """`(kind, layer index or None, split symbols, routed expert?)` for a parameter name."""
-    layer_match = re.match(r"model\.layers\.(\d+)\.", name)
-    kind, split, expert = _kind_of_pattern(_INDEX.sub(".0.", name))
-    return kind, (int(layer_match.group(1)) if layer_match else None), split, expert
+class _KindMatcher:
+    """A shard table's weight-kind regexes, compiled once, with the kind of each name pattern remembered:
+    names differing only in layer/expert indices share a kind, so the 46k names of the 671B model match
+    a few dozen times."""
+
+    def __init__(self, table):
+        self.compiled = tuple((kind, re.compile(pattern + r"$"), split, expert)
+                              for kind, pattern, split, expert in table.weight_kinds)
+        self.by_pattern = {}
+
+    def entry(self, name):
+        pattern_name = _INDEX.sub(".0.", name)
+        if pattern_name not in self.by_pattern:
+            self.by_pattern[pattern_name] = self._search(pattern_name)
+        return self.by_pattern[pattern_name]
+
+    def _search(self, name):
+        for kind, pattern, split, expert in self.compiled:
+            if pattern.match(name):
+                return kind, pattern, split, expert
+        raise ConfigError(f"parameter {name!r} matches no weight kind of the model's shard table "
+                          "(ShardTable.weight_kinds); add its split there")
 
 
-@functools.lru_cache(maxsize=None)
-def _kind_of_pattern(name):
-    # names differing only in layer/expert indices share a kind: match once per pattern
-    for kind, pattern, split, expert in _COMPILED:
-        if pattern.match(name):
-            return kind, split, expert
-    raise ConfigError(f"parameter {name!r} matches no weight kind of mindpretrain.parallel.layouts.WEIGHT_KINDS; "
-                      "add its split there")
+_MATCHERS = {}   # id(table) -> (table, matcher); the table is kept so its id is not reused
+
+
+def _matcher(table):
+    found = _MATCHERS.get(id(table))
+    if found is None or found[0] is not table:
+        found = _MATCHERS[id(table)] = (table, _KindMatcher(table))
+    return found[1]
+
+
+def weight_kind(name, table):
+    """`(kind, layer index or None, split symbols, routed expert?)` of a parameter name under `table`."""
+    kind, pattern, split, expert = _matcher(table).entry(name)
+    layer = pattern.match(name).groupdict().get("layer")
+    return kind, (int(layer) if layer is not None else None), split, expert
 
 
 def axis_size(symbol, parallel_config):
@@ -88,22 +106,24 @@ def axis_size(symbol, parallel_config):
             "vocab": parallel_config.vocab_parallel}[symbol]
 
 
-def stages_of(name, kind, layer, placement):
-    """Pipeline stages holding parameter `name` (embedding: stage 0, plus the last stage when MTP needs it)."""
+def stages_of(kind, layer, placement, table):
+    """Pipeline stages holding a weight: its layer's stage; an unlayered embedding kind stage 0 (plus the last
+    stage when MTP reads it there), an unlayered head kind the last stage, anything else stage 0."""
     if placement is None:
         return (0,)
     last = placement.pipeline_stage - 1
-    if kind == "embedding" and layer is None:
-        return tuple(sorted({0, last})) if placement.mtp_depth > 0 else (0,)
     if layer is not None:
         return (placement.stage_of_layer(layer),)
-    if kind in ("final_norm", "lm_head"):
+    if kind in table.embedding_kinds:
+        return tuple(sorted({0, last})) if placement.mtp_depth > 0 else (0,)
+    if kind in table.head_kinds:
         return (last,)
     return (0,)
 
 
-def layout_of(name, shape, parallel_config, placement=None):
-    kind, layer, symbols, expert = weight_kind(name)
+def layout_of(name, shape, parallel_config, placement, table):
+    """The `WeightLayout` of parameter `name` (full `shape`) under the layout and pipeline placement (or None)."""
+    kind, layer, symbols, expert = weight_kind(name, table)
     shape = tuple(int(item) for item in shape)
     if len(symbols) != len(shape):
         raise ConfigError(f"parameter {name} has shape {shape} but weight kind {kind} describes "
@@ -117,20 +137,14 @@ def layout_of(name, shape, parallel_config, placement=None):
     ep = parallel_config.expert_parallel if expert else 1
     replicas = parallel_config.devices_per_stage // (math.prod(split) * ep)
     return WeightLayout(name=name, kind=kind, shape=shape, split=split, shard_shape=shard_shape,
-                        expert_parallel=ep, stages=stages_of(name, kind, layer, placement),
-                        replicas=max(replicas, 1))
+                        expert_parallel=ep, stages=stages_of(kind, layer, placement, table),
+                        replicas=max(replicas, 1), layer=layer)
 
 
-def weight_layouts(shapes, parallel_config, placement=None):
-    """Layouts of every parameter in `shapes` (name -> full shape), in the dict's order."""
-    return [layout_of(name, shape, parallel_config, placement) for name, shape in shapes.items()]
-
-
-def model_parameter_shapes(model_cfg):
-    """Name -> shape of every parameter, from the model's one mapping table (weight_mapping.py)."""
-    from research.deepseek3.weight_mapping import hf_parameter_shapes
-
-    return hf_parameter_shapes(model_cfg)
+def weight_layouts(shapes, parallel_config, placement, table):
+    """Layouts of every parameter in `shapes` (name -> full shape), in the dict's order; `placement` may be
+    None (everything on stage 0)."""
+    return [layout_of(name, shape, parallel_config, placement, table) for name, shape in shapes.items()]
 
 
 def kind_summary(layouts, stage: Optional[int] = None):

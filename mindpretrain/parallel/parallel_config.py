@@ -44,7 +44,7 @@ import dataclasses
 import difflib
 from typing import Optional, Tuple, Union
 
-from mindpretrain.config import ConfigError, require
+from mindpretrain.validation import ConfigError, require
 
 # Keys MindFormers' parallel_config accepts that we read but only support at their neutral value.
 _NEUTRAL_KEYS = {"context_parallel": 1, "seq_split_num": 1, "context_parallel_algo": "colossalai_cp",
@@ -183,7 +183,7 @@ class ParallelConfig:
                                               for item in offset))
         require(valid, "offset", offset, "must be an integer or a list of integers, one per pipeline stage")
 
-    def validate(self, model_cfg, device_num=None):
+    def validate(self, model_config, device_num=None):
         """Check this layout against a model config (DeepseekV3Config attribute names) and device count.
 
         Returns the pipeline placement, so callers that go on to plan need not recompute it.
@@ -195,18 +195,18 @@ class ParallelConfig:
         emp = self.expert_tensor_parallel
 
         def divisible(attribute, by, by_name):
-            value = getattr(model_cfg, attribute, None)
+            value = getattr(model_config, attribute, None)
             if value is None:
                 return
             require(value % by == 0, attribute, value, f"must be divisible by {by_name} ({by})")
 
         divisible("num_attention_heads", mp, "parallel_config.model_parallel")
         divisible("hidden_size", mp, "parallel_config.model_parallel")
-        if _has_dense_layers(model_cfg):
+        if _has_dense_layers(model_config):
             divisible("intermediate_size", mp, "parallel_config.model_parallel")
-        if _num_moe_layers(model_cfg):
-            n_shared = getattr(model_cfg, "n_shared_experts", 0) or 0
-            moe_width = getattr(model_cfg, "moe_intermediate_size")
+        if _num_moe_layers(model_config):
+            n_shared = getattr(model_config, "n_shared_experts", 0) or 0
+            moe_width = getattr(model_config, "moe_intermediate_size")
             require(moe_width % emp == 0, "moe_intermediate_size", moe_width,
                     f"must be divisible by the expert tensor-parallel degree ({emp})")
             if n_shared:
@@ -219,12 +219,12 @@ class ParallelConfig:
         else:
             require(ep == 1, "parallel_config.expert_parallel", ep, "must be 1 for a model without MoE layers")
         if not self.vocab_emb_dp:
-            vocab = getattr(model_cfg, "vocab_size")
+            vocab = getattr(model_config, "vocab_size")
             require(vocab % mp == 0, "vocab_size", vocab,
                     f"must be divisible by parallel_config.model_parallel ({mp}) unless "
                     "parallel_config.vocab_emb_dp is True")
         if self.use_seq_parallel:
-            seq = getattr(model_cfg, "seq_length", None)
+            seq = getattr(model_config, "seq_length", None)
             if seq is not None:
                 require(seq % mp == 0, "seq_length", seq,
                         f"must be divisible by parallel_config.model_parallel ({mp}) when "
@@ -237,19 +237,19 @@ class ParallelConfig:
             require(self.device_num == device_num, "parallel_config",
                     f"data_parallel {dp} * model_parallel {mp} * pipeline_stage {self.pipeline_stage} "
                     f"= {self.device_num}", f"must equal the device count ({device_num})")
-        return place_layers(model_cfg, self)
+        return place_layers(model_config, self)
 
 
-def _num_layers(model_cfg):
-    return getattr(model_cfg, "num_hidden_layers")
+def _num_layers(model_config):
+    return getattr(model_config, "num_hidden_layers")
 
 
-def _has_dense_layers(model_cfg):
-    return min(getattr(model_cfg, "first_k_dense_replace", 0) or 0, _num_layers(model_cfg)) > 0 or \
-        not getattr(model_cfg, "n_routed_experts", 0)
+def _has_dense_layers(model_config):
+    return min(getattr(model_config, "first_k_dense_replace", 0) or 0, _num_layers(model_config)) > 0 or \
+        not getattr(model_config, "n_routed_experts", 0)
 
 
-def _num_moe_layers(model_cfg):
-    if not getattr(model_cfg, "n_routed_experts", 0):
+def _num_moe_layers(model_config):
+    if not getattr(model_config, "n_routed_experts", 0):
         return 0
-    return max(_num_layers(model_cfg) - (getattr(model_cfg, "first_k_dense_replace", 0) or 0), 0)
+    return max(_num_layers(model_config) - (getattr(model_config, "first_k_dense_replace", 0) or 0), 0)

@@ -27,7 +27,7 @@ import dataclasses
 import re
 from typing import Tuple
 
-from mindpretrain.config import require
+from mindpretrain.validation import require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +106,10 @@ def layers_per_stage(total_layers, pipeline_stage, offset=0):
     return [base + offset] * pp, True
 
 
-def place_layers(model_cfg, parallel_config):
-    """Place decoder layers and MTP blocks of `model_cfg` over `parallel_config.pipeline_stage` stages."""
-    num_layers = getattr(model_cfg, "num_hidden_layers")
-    mtp_depth = getattr(model_cfg, "num_nextn_predict_layers", 0) or 0
+def place_layers(model_config, parallel_config):
+    """Place decoder layers and MTP blocks of `model_config` over `parallel_config.pipeline_stage` stages."""
+    num_layers = getattr(model_config, "num_hidden_layers")
+    mtp_depth = getattr(model_config, "num_nextn_predict_layers", 0) or 0
     pp = parallel_config.pipeline_stage
     total = num_layers + mtp_depth
     require(total >= pp, "parallel_config.pipeline_stage", pp,

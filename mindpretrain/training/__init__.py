@@ -1,4 +1,4 @@
-"""Training: AdamW, LR schedules, the compiled train step, the loop, checkpoints, signals.
+"""Training: AdamW, LR schedules, the compiled train step, the loop, checkpoints, metrics, signals.
 
 Importing this package registers the optimizer and LR schedules under their MindFormers names.
 """

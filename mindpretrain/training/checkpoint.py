@@ -17,21 +17,27 @@ outright, because silently falling back would train the wrong model.
 
 Values are stored in their in-memory dtype (no pickle, no conversion), which is what makes
 "stop after step 6, resume to 12" equal to an uninterrupted run bit for bit.
+
+`CheckpointManager` is what the trainer uses: save, resume and weights-only loading of one run,
+on top of the directory functions below.
 """
 import json
 import os
 import re
 import shutil
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import yaml
 
 from mindpretrain.checkpoint.safetensors_io import SafetensorsError, open_safetensors, save_safetensors
+from mindpretrain.validation import require
 from mindpretrain.utils.atomic_files import atomic_write, atomic_write_json
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("checkpoint")
+train_logger = get_logger("train")   # what the manager reports belongs to the training log
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -68,7 +74,7 @@ def _as_numpy(parameter):
     return parameter.asnumpy() if hasattr(parameter, "asnumpy") else np.asarray(parameter)
 
 
-def save_checkpoint(root, step, model_params, optimizer_state, trainer_state, config, keep_last=None):
+def save_checkpoint(root, step, model_params, optimizer_state, trainer_state, run_config, keep_last=None):
     """Write checkpoint `step` under `root` (temporary name, then rename) and prune to `keep_last`.
 
     `model_params` / `optimizer_state`: {name: Parameter or array}. Returns the final directory.
@@ -88,7 +94,7 @@ def save_checkpoint(root, step, model_params, optimizer_state, trainer_state, co
         state = dict(trainer_state, step=step)
         atomic_write_json(os.path.join(tmp, STATE_FILE), state, indent=1)
         with atomic_write(os.path.join(tmp, CONFIG_FILE), "w") as handle:
-            yaml.safe_dump(_plain(config), handle, sort_keys=False)
+            yaml.safe_dump(_plain(run_config), handle, sort_keys=False)
         files = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
                         "crc32": _file_crc32(os.path.join(tmp, name))}
                  for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE)}
@@ -250,3 +256,125 @@ def restore_rng_state(state):
                          numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+# --- one run's checkpoints, as the trainer uses them ------------------------------------------------------------
+
+class ResumePoint(NamedTuple):
+    """Where a resumed run continues: the checkpoint it read and the loop counters stored in it."""
+
+    directory: str
+    step: int
+    consumed_samples: int
+    skipped_steps: int
+
+
+def resumable_directory(location):
+    """`location` itself when it is one complete checkpoint (verified), else the newest good one under it."""
+    if os.path.isfile(os.path.join(location, COMPLETE_MARKER)):
+        verify_checkpoint(location)
+        return location
+    return find_resumable(location)
+
+
+def _assign(parameter, array, source):
+    from mindspore import Tensor
+
+    require(tuple(array.shape) == tuple(parameter.shape), parameter.name, list(array.shape),
+            f"in {source} does not match the model's shape {list(parameter.shape)}")
+    parameter.set_data(Tensor(np.ascontiguousarray(array)).astype(parameter.dtype))
+
+
+class CheckpointManager:
+    """Save, resume and weights-only loading for one run.
+
+    `settings` (trainer.RunSettings) gives output_dir, keep_last, the batch layout and the run YAML saved
+    with each checkpoint; `params` is {name: Parameter} of the model; `loss_scaler` may be None. Only the
+    process of global rank 0 writes (every rank holds the same state); every rank reads.
+    """
+
+    def __init__(self, settings, dp, params, optimizer, loss_scaler=None, model=None, model_config=None):
+        self.settings, self.dp = settings, dp
+        self.params, self.optimizer, self.loss_scaler = params, optimizer, loss_scaler
+        self.model, self.model_config = model, model_config
+
+    @property
+    def root(self):
+        return checkpoint_root(self.settings.output_dir)
+
+    def expected_shapes(self):
+        return {name: tuple(param.shape) for name, param in self.params.items()}
+
+    def save(self, step, consumed_samples, skipped_steps):
+        """Write checkpoint `step` (rank 0 only; returns its directory, None on other ranks)."""
+        if self.dp.process_rank != 0:
+            return None
+        state = {"consumed_samples": consumed_samples, "skipped_steps": skipped_steps,
+                 "dp_size": self.dp.size, "samples_per_step": self.settings.samples_per_step(self.dp.size),
+                 "rng": capture_rng_state(),
+                 "loss_scale": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+                 "parameter_shapes": {name: list(shape) for name, shape in self.expected_shapes().items()}}
+        directory = save_checkpoint(self.root, step, self.params, self.optimizer.state_parameters(), state,
+                                    self.settings.run_config.to_dict(), keep_last=self.settings.keep_last)
+        train_logger.info("saved checkpoint %s", directory)
+        return directory
+
+    def resume(self, location=None):
+        """Restore weights, optimizer state, RNG and loss scale from the newest good checkpoint under
+        `location` (default: this run's); returns a ResumePoint, or None when there is no checkpoint."""
+        root = location or self.root
+        directory = resumable_directory(root)
+        if directory is None:
+            train_logger.warning("resume_training: no checkpoint under %s, starting from step 0", root)
+            return None
+        check_shapes(directory, self.expected_shapes())
+        optimizer_state = self.optimizer.state_parameters()
+        check_shapes(directory, {name: tuple(p.shape) for name, p in optimizer_state.items()},
+                     OPTIMIZER_FILE, OPTIMIZER_PREFIX)
+        self._load_model_tensors(directory)
+        for name, array in read_tensors(directory, OPTIMIZER_FILE, OPTIMIZER_PREFIX).items():
+            _assign(optimizer_state[name], array, directory)
+        state = read_trainer_state(directory)
+        batch, dp_size = self.settings.micro_batch_size, self.dp.size
+        require(state["consumed_samples"] % (batch * dp_size) == 0, "resume", state["consumed_samples"],
+                f"consumed samples are not a multiple of batch_size * dp ({batch} x {dp_size}); resume with the "
+                "batch layout of the checkpoint")
+        point = ResumePoint(directory, int(state["step"]), int(state["consumed_samples"]),
+                            int(state.get("skipped_steps", 0)))
+        restore_rng_state(state.get("rng"))
+        self._restore_loss_scale(state.get("loss_scale"), directory)
+        train_logger.info("resumed from %s: step %d, %d samples consumed", directory, point.step,
+                          point.consumed_samples)
+        return point
+
+    def _load_model_tensors(self, directory):
+        for name, array in read_tensors(directory, MODEL_FILE).items():
+            _assign(self.params[name], array, directory)
+
+    def _restore_loss_scale(self, saved, directory):
+        if self.loss_scaler is None:
+            if saved:
+                train_logger.warning("checkpoint %s was trained with loss scaling (scale %s); this run configures "
+                                     "none (runner_wrapper.scale_sense)", directory, saved.get("scale"))
+            return
+        if not saved:
+            train_logger.warning("checkpoint %s has no loss-scale state; starting from scale_sense's "
+                                 "loss_scale_value %s", directory, self.loss_scaler.scale)
+            return
+        self.loss_scaler.load_state_dict(saved)
+
+    def load_weights(self, path):
+        """Model weights only (finetune / warm start): a native checkpoint, or a HuggingFace directory read
+        through the model's spec (`mindpretrain.model_spec`)."""
+        if is_native_checkpoint(path):
+            verify_checkpoint(path)
+            check_shapes(path, self.expected_shapes())
+            self._load_model_tensors(path)
+        else:
+            from mindpretrain.model_spec import WeightsMismatchError, spec_for_config
+
+            try:
+                spec_for_config(self.model_config).load_hf_weights(self.model, path)
+            except WeightsMismatchError as error:
+                raise CheckpointError(f"--load_checkpoint {path}: {error}") from None
+        train_logger.info("loaded weights from %s", path)

@@ -9,11 +9,14 @@ batches an uninterrupted run would have seen.
 When the dataset runs out, `runner_config.data_exhausted` decides: `stop` (default) raises
 DataExhausted with a message saying how to get more samples; `next_epoch` starts the dataset
 over (same order; the position within the epoch is `consumed_samples % epoch_samples`).
+
+`planned_steps` and `training_stream` size a run for the trainer: its length (train_steps, or whole
+epochs of the dataset) and the loader's sample count (`sizes[0]`, Megatron's train_samples).
 """
 import numpy as np
 
 from mindpretrain import registry
-from mindpretrain.config import require
+from mindpretrain.validation import require
 
 MODEL_COLUMNS = ("input_ids", "labels", "loss_mask")
 
@@ -85,3 +88,38 @@ class DataStream:
         self.consumed_samples += self.samples_per_step
         return tuple(np.stack([batch[column] for batch in batches]).astype(dtype)
                      for column, dtype in ((0, np.int32), (1, np.int32), (2, np.float32)))
+
+
+# --- sizing a run: what the trainer asks of the data ----------------------------------------------------------
+
+def loader_section(section, total_steps, samples_per_step):
+    """`train_dataset.data_loader` with a null `sizes[0]` filled in as Megatron does:
+    train_samples = iterations x global batch (left null while the run length is unknown)."""
+    section = dict(section or {})
+    sizes = list(section.get("sizes") or [None, 0, 0])
+    if sizes[0] is None and total_steps is not None:
+        sizes[0] = total_steps * samples_per_step
+    section["sizes"] = sizes
+    return section
+
+
+def planned_steps(settings, dp):
+    """`runner_config.train_steps`, or as many whole steps as `epochs` passes over the dataset hold.
+
+    `settings` is a settings.RunSettings, `dp` a settings.DataParallelInfo."""
+    if settings.train_steps is not None:
+        return settings.train_steps
+    samples_per_step = settings.samples_per_step(dp.size)
+    probe = DataStream(loader_section(settings.data_loader, None, samples_per_step), dp.rank, dp.size,
+                       settings.micro_batch_size, settings.accumulation_steps)
+    steps = settings.epochs * probe.epoch_length() // samples_per_step
+    require(steps > 0, "train_dataset", steps, "yields no full training step of "
+            f"{samples_per_step} samples; use a larger dataset or a smaller batch")
+    return steps
+
+
+def training_stream(settings, dp, total_steps, consumed_samples=0):
+    """This rank's DataStream for a run of `total_steps`, positioned at the global `consumed_samples`."""
+    section = loader_section(settings.data_loader, total_steps, settings.samples_per_step(dp.size))
+    return DataStream(section, dp.rank, dp.size, settings.micro_batch_size, settings.accumulation_steps,
+                      consumed_samples, settings.on_data_exhausted, settings.num_parallel_workers)

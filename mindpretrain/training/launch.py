@@ -1,106 +1,33 @@
-"""Turning a run YAML into a running process: device context, communication, parallel mode, model.
+"""Turning a resolved run YAML into a running process: device context, communication, seed, model.
 
-`plan_parallel` is the one decision of how a run is parallelised, kept pure so it is tested on
-any machine:
-
-- one process (no msrun, or one worker): STAND_ALONE;
-- CPU with N msrun workers: DATA_PARALLEL over N ranks. The train step all-reduces gradients,
-  losses and expert loads itself (CPU supports AllReduce; it lacks ReduceScatter/AlltoAll that
-  semi-auto parallel needs), each rank reads its own share of every global batch;
-- Ascend: SEMI_AUTO_PARALLEL with `full_batch` (every rank reads the global batch, MindSpore
-  slices it), pipeline stages, optimizer sharding and the shard strategies of
-  `mindpretrain.parallel.strategies` from `parallel_config`; MindSpore inserts the gradient
-  reduction, so the train step must not add its own.
+`setup_run` is the whole sequence `run_mindformer.py` runs before training, in the order MindSpore
+needs it: the device context first, then communication (msrun), then the parallel plan
+(`mindpretrain.parallel.plan`), the seed, the model with the plan applied to it, and last the
+typed run settings the trainer takes. Importing this module imports neither MindSpore nor the
+trainer, so the entry script can resolve its arguments without them.
 """
 import dataclasses
 import os
+from typing import Any
 
-from mindpretrain.config import require
+from mindpretrain.validation import require
 from mindpretrain.utils.logging import get_logger
 
-logger = get_logger("launch")
-
-STAND_ALONE, DATA_PARALLEL, SEMI_AUTO_PARALLEL = "stand_alone", "data_parallel", "semi_auto_parallel"
+logger = get_logger("run")
 
 
 @dataclasses.dataclass
-class ParallelPlan:
-    mode: str
-    world_size: int
-    data_parallel: int            # ranks the train step averages gradients over itself
-    data_rank: int                # this rank's position among them (its data shard)
-    full_batch: bool = False      # every rank reads the whole global batch (semi-auto slices it)
-    pipeline_stages: int = 1
-    optimizer_shard: bool = False
-    apply_shard_strategies: bool = False
-    # With full_batch each rank reads batch_size x this many samples per step (MindFormers' global batch:
-    # batch_size x data_parallel x micro_batch_num under pipeline), which MindSpore then slices.
-    batch_size_factor: int = 1
-    context: dict = dataclasses.field(default_factory=dict)   # set_auto_parallel_context arguments
+class RunContext:
+    """A set-up process: `Trainer(settings, model, model_config, dp, pipeline)` plus how it is parallelised."""
 
-
-def plan_parallel(device_target, use_parallel, world_size, rank, parallel_config=None):
-    """How this run is parallelised; `parallel_config` is a mindpretrain.parallel ParallelConfig (or None)."""
-    device = str(device_target).upper()
-    require(device in ("CPU", "ASCEND", "GPU"), "device_target", device_target, "must be CPU or Ascend")
-    if not use_parallel or world_size <= 1:
-        require(world_size <= 1, "use_parallel", use_parallel,
-                f"must be True when {world_size} workers are launched (msrun); otherwise each would train alone")
-        return ParallelPlan(STAND_ALONE, 1, 1, 0, context={"parallel_mode": STAND_ALONE})
-    if device != "ASCEND":
-        if parallel_config is not None:
-            require(parallel_config.model_parallel == 1 and parallel_config.pipeline_stage == 1,
-                    "parallel_config", {"model_parallel": parallel_config.model_parallel,
-                                        "pipeline_stage": parallel_config.pipeline_stage},
-                    f"must be 1 on {device}: only data parallelism runs there (semi-auto parallel, pipeline "
-                    "and expert AlltoAll need Ascend)")
-        return ParallelPlan(DATA_PARALLEL, world_size, world_size, rank,
-                            context={"parallel_mode": DATA_PARALLEL, "gradients_mean": False,
-                                     "device_num": world_size})
-    require(parallel_config is not None, "parallel_config", None, "must be given for parallel training on Ascend")
-    require(parallel_config.device_num == world_size, "parallel_config", parallel_config.to_dict(),
-            f"uses data_parallel x model_parallel x pipeline_stage = {parallel_config.device_num} devices, "
-            f"but {world_size} workers were launched")
-    context = {"parallel_mode": SEMI_AUTO_PARALLEL, "gradients_mean": False, "full_batch": True,
-               "device_num": world_size, "pipeline_stages": parallel_config.pipeline_stage,
-               "enable_parallel_optimizer": bool(parallel_config.optimizer_shard),
-               "enable_alltoall": parallel_config.expert_parallel > 1}
-    factor = parallel_config.data_parallel * (parallel_config.micro_batch_num if parallel_config.pipeline_stage > 1
-                                               else 1)
-    return ParallelPlan(SEMI_AUTO_PARALLEL, world_size, 1, 0, full_batch=True, batch_size_factor=factor,
-                        pipeline_stages=parallel_config.pipeline_stage,
-                        optimizer_shard=bool(parallel_config.optimizer_shard), apply_shard_strategies=True,
-                        context=context)
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineWrapping:
-    """How the train step wraps the network for pipeline parallelism (Ascend semi-auto only):
-    `mindspore.parallel.nn.Pipeline(network, micro_size=micro_batch_num)` for the forward and
-    `mindspore.parallel.nn.PipelineGradReducer(params, opt_shard=optimizer_shard)` on its gradients
-    (train_step.PipelineForwardBackwardCell)."""
-
-    stages: int
-    micro_batch_num: int
-    optimizer_shard: bool = False
-    wrapper: str = "mindspore.parallel.nn.Pipeline"
-    grad_reducer: str = "mindspore.parallel.nn.PipelineGradReducer"
-
-
-def pipeline_wrapping(plan, parallel_config=None, accumulation_steps=1):
-    """The pipeline wrapping this run needs, or None: only SEMI_AUTO_PARALLEL (Ascend) with
-    `pipeline_stage > 1` wraps; stand-alone and CPU data parallel never do."""
-    if plan.mode != SEMI_AUTO_PARALLEL or plan.pipeline_stages <= 1:
-        return None
-    require(parallel_config is not None, "parallel_config", None, "must be given for pipeline parallel training")
-    micro = parallel_config.micro_batch_num
-    require(isinstance(micro, int) and micro >= plan.pipeline_stages, "parallel_config.micro_batch_num", micro,
-            f"must be at least pipeline_stage ({plan.pipeline_stages}): MindSpore's Pipeline cell needs a micro "
-            "batch for every stage")
-    require(accumulation_steps == 1, "runner_config.gradient_accumulation_steps", accumulation_steps,
-            "must be 1 with pipeline_stage > 1: under pipeline parallelism parallel_config.micro_batch_num is "
-            "the gradient accumulation")
-    return PipelineWrapping(plan.pipeline_stages, micro, bool(plan.optimizer_shard))
+    settings: Any        # trainer.RunSettings
+    model: Any
+    model_config: Any
+    dp: Any              # settings.DataParallelInfo
+    pipeline: Any        # plan.PipelineWrapping or None
+    plan: Any            # plan.ParallelPlan
+    rank: int = 0
+    world_size: int = 1
 
 
 def default_device_target():
@@ -152,22 +79,68 @@ def init_communication(plan_world_size):
     return get_rank(), get_group_size()
 
 
-def apply_parallel_plan(plan, model=None, parallel_config=None):
-    import mindspore as ms
-
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(**plan.context)
-    if plan.apply_shard_strategies and model is not None:
-        from mindpretrain.parallel.strategies import apply_shard_strategies
-
-        return apply_shard_strategies(model, parallel_config)
-    return None
-
-
-def parallel_config_of(config):
+def parallel_config_of(run_config):
     """The run's ParallelConfig (None when the PARALLEL module is unavailable)."""
     try:
         from mindpretrain.parallel.parallel_config import ParallelConfig
     except ImportError:
         return None
-    return ParallelConfig.from_run_config(config)
+    return ParallelConfig.from_run_config(run_config)
+
+
+def seed_everything(seed):
+    """One seed for MindSpore's initialisers and NumPy (the data order has its own seed in the YAML)."""
+    import mindspore as ms
+    import numpy as np
+
+    ms.set_seed(seed)
+    np.random.seed(seed)
+
+
+def apply_batch_size_factor(run_config, factor):
+    """Under `full_batch` every rank reads the global batch: scale `runner_config.batch_size` in the run YAML
+    itself, so the settings and the config saved with each checkpoint both show the batch actually read."""
+    if factor <= 1:
+        return
+    runner = run_config.setdefault("runner_config", {})
+    runner["batch_size"] = runner.get("batch_size", 1) * factor
+    logger.info("full_batch: every rank reads the global batch of %d samples per micro step", runner["batch_size"])
+
+
+def load_plugins(register_path):
+    """Register the core's data loader, optimizer and LR schedules, then the plugin folder's classes."""
+    import mindpretrain.data.loader  # noqa: F401  (registers BlendedMegatronDatasetDataLoader)
+    import mindpretrain.training  # noqa: F401  (registers AdamW and the LR schedules)
+    from mindpretrain import registry
+
+    if register_path:
+        registry.import_register_path(register_path)
+
+
+def setup_run(run_config):
+    """Set up this process for the resolved run YAML (`run_mindformer.resolve_config`) and build its model.
+
+    Raises ConfigError for a configuration that cannot run, before training starts."""
+    from mindpretrain.model_builder import build_model
+    from mindpretrain.parallel import plan as parallel_plan
+    from mindpretrain.training.settings import DataParallelInfo, RunSettings
+
+    device_target = run_config["context"]["device_target"]
+    init_context(run_config.get("context"), device_target)
+    workers, _ = launched_by_msrun()
+    rank, world_size = init_communication(workers if run_config.get("use_parallel") else 1)
+    parallel_config = parallel_config_of(run_config)
+    plan = parallel_plan.plan_parallel(device_target, run_config.get("use_parallel"), world_size, rank,
+                                       parallel_config)
+    seed_everything(int(run_config.get("seed", 0) or 0))
+    model_config, model = build_model(run_config, device_target)
+    parallel_plan.prepare_model(plan, model, model_config, parallel_config, world_size)
+    apply_batch_size_factor(run_config, plan.batch_size_factor)
+    logger.info("rank %d/%d on %s, parallel mode %s", rank, world_size, device_target, plan.mode)
+    settings = RunSettings.from_config(run_config)
+    pipeline = parallel_plan.pipeline_wrapping(plan, parallel_config, settings.accumulation_steps)
+    if pipeline is not None:
+        logger.info("pipeline parallel: %d stages, %d micro batches (%s + %s)", pipeline.stages,
+                    pipeline.micro_batch_num, pipeline.wrapper, pipeline.grad_reducer)
+    dp = DataParallelInfo(plan.data_rank, plan.data_parallel, rank)
+    return RunContext(settings, model, model_config, dp, pipeline, plan, rank, world_size)

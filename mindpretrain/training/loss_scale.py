@@ -31,7 +31,7 @@ the checkpointed trainer state, so a resumed run rescales exactly as an uninterr
 import dataclasses
 import numbers
 
-from mindpretrain.config import require
+from mindpretrain.validation import require
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("loss_scale")

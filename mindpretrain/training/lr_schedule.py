@@ -15,7 +15,7 @@ rate) and ends at `warmup_steps`, after which the decay runs over the remaining 
 """
 import math
 
-from mindpretrain.config import require
+from mindpretrain.validation import require
 from mindpretrain.registry import register
 
 

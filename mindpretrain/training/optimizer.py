@@ -13,7 +13,7 @@ biases are not decayed, as in Megatron's default parameter groups.
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from mindpretrain.config import require
+from mindpretrain.validation import require
 from mindpretrain.registry import register
 
 _adamw_update = ops.MultitypeFuncGraph("adamw_update")

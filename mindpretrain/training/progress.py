@@ -1,7 +1,7 @@
 """What one training step looks like in the log: throughput, MFU, expert balance and ETA.
 
-FLOPs per token come from the planning cost model (`mindpretrain.planning.cost_model`), the one
-place the model's arithmetic is counted; MFU is achieved FLOP/s over the configured device peak
+FLOPs per token come from the model's spec (`ModelSpec.planning.flops_per_token`, the one place the model's
+arithmetic is counted, shared with the planner); MFU is achieved FLOP/s over the configured device peak
 (`runner_config.device_peak_tflops`, per device) times the number of devices.
 """
 import datetime
@@ -9,19 +9,23 @@ import math
 
 import numpy as np
 
+from mindpretrain.model_spec import spec_for_config
+from mindpretrain.registry import RegistryError
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("train")
 
 
 def flops_per_token_or_none(model_config, seq_length):
-    """Training FLOPs per token from the planning cost model, or None when it is unavailable."""
+    """Training FLOPs per token from the model's spec, or None when no spec with planner hooks is registered."""
     try:
-        from mindpretrain.planning.cost_model import flops_per_token
-    except ImportError:
+        spec = spec_for_config(model_config)
+    except RegistryError:
+        return None
+    if spec.planning is None:
         return None
     try:
-        return float(flops_per_token(model_config, seq_length))
+        return float(spec.planning.flops_per_token(model_config, seq_length))
     except Exception as error:  # a cost model that cannot handle this config must not stop training
         logger.warning("MFU disabled: flops_per_token failed for this model (%s)", error)
         return None

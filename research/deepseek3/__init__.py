@@ -1,4 +1,5 @@
-"""DeepSeek-V3 plugin: `DeepseekV3Config` ("config") and `DeepseekV3ForCausalLM` ("model") register on import.
+"""DeepSeek-V3 plugin: `DeepseekV3Config` ("config"), `DeepseekV3ForCausalLM` ("model") and the model spec the
+core reads (`spec.DEEPSEEK_V3_SPEC`: conversion, planning, shard tables, HF loading) register on import.
 
 Two ways in, one set of classes:
 
@@ -7,8 +8,8 @@ Two ways in, one set of classes:
   there is only ever one `DeepseekV3Config` class (isinstance checks and the registry agree).
 * `import research.deepseek3...` (tools, tests, the trainer) imports the config eagerly but the model (and so
   MindSpore, seconds of import time) only when `DeepseekV3ForCausalLM`/`DeepseekV3Model` is first looked up
-  on this package or `research.deepseek3.deepseek3_model` is imported. The conversion and planning tools only
-  need `weight_mapping` and the config, neither of which imports MindSpore.
+  on this package or `research.deepseek3.deepseek3_model` is imported. The spec registers either way; it
+  imports the config, `weight_mapping`, `sharding` and `planning`, none of which imports MindSpore.
 """
 import importlib
 import os
@@ -20,6 +21,7 @@ if __name__ != "research.deepseek3":
         sys.path.insert(0, _ROOT)
 
 from research.deepseek3.deepseek3_config import DeepseekV3Config  # noqa: E402
+from research.deepseek3 import spec  # noqa: E402,F401  (registers DEEPSEEK_V3_SPEC)
 
 _MODEL_CLASSES = ("DeepseekV3ForCausalLM", "DeepseekV3Model")
 __all__ = ["DeepseekV3Config", *_MODEL_CLASSES]

@@ -15,17 +15,17 @@ from research.deepseek3.moe import DeepseekV3MoE
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg, layer_index):
+    def __init__(self, model_config, layer_index):
         super().__init__()
         self.layer_index = layer_index
-        self.is_moe = cfg.is_moe_layer(layer_index)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
-        self.self_attn = MultiHeadLatentAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.is_moe = model_config.is_moe_layer(layer_index)
+        self.input_layernorm = RMSNorm(model_config.hidden_size, model_config)
+        self.self_attn = MultiHeadLatentAttention(model_config)
+        self.post_attention_layernorm = RMSNorm(model_config.hidden_size, model_config)
         if self.is_moe:
-            self.mlp = DeepseekV3MoE(cfg)
+            self.mlp = DeepseekV3MoE(model_config)
         else:
-            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg)
+            self.mlp = SwiGLU(model_config.hidden_size, model_config.intermediate_size, model_config)
         self.attention_residual = ops.Add()
         self.mlp_residual = ops.Add()
         self.shard_ops = {"attention_residual": "residual_add", "mlp_residual": "residual_add"}

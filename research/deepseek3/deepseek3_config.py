@@ -1,112 +1,30 @@
 """`DeepseekV3Config`: the one description of a DeepSeek-V3 model, validated once when it is built.
 
-Attribute names are those of the HuggingFace `config.json` of the DeepSeek-V3 release, so a config
-read with `from_hf(dir)` and one written by `to_hf_dict()` need no translation. MindFormers users
-keep their YAML: its names (`num_layers`, `num_heads`, `moe_config: {expert_num, ...}`, `mtp_depth`,
-`scaling_factor`, ...) are translated through `_ALIASES`, the single table of alternative names.
+A dataclass whose fields are those of the HuggingFace `config.json` of the DeepSeek-V3 release (defaults: the
+671B release) plus the training fields, so a config read with `from_hf(dir)` and one written by `to_hf_dict()`
+need no translation. MindFormers users keep their YAML: its names (`num_layers`, `num_heads`,
+`moe_config: {expert_num, ...}`, `mtp_depth`, `scaling_factor`, ...) are translated by the constructor through
+`DeepseekV3Config.mindformers_aliases()`, the single table of alternative names.
 
 Every inconsistency is a `ConfigError` naming the key, the value and the rule, raised at
 construction — before any weight is allocated. `check_device(device_target)` adds the one rule that
 depends on where the run happens (bfloat16 kernels do not exist on MindSpore's CPU backend).
 """
 import copy
+import dataclasses
 import difflib
 import json
 import os
+from typing import Optional, Sequence, Union
 
-from mindpretrain.config import ConfigError, require
 from mindpretrain.registry import register
 from mindpretrain.utils.logging import get_logger
+from mindpretrain.validation import ConfigError, require
 
 logger = get_logger("deepseek3.config")
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 RECOMPUTE_MODES = ("none", "full", "selective")
-
-# Canonical fields and defaults (the DeepSeek-V3 671B release, plus training fields).
-_DEFAULTS = {
-    # --- HF config.json names ---
-    "vocab_size": 129280,
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "num_attention_heads": 128,
-    "num_key_value_heads": None,
-    "n_shared_experts": 1,
-    "n_routed_experts": 256,
-    "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 512,
-    "q_lora_rank": 1536,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "qk_nope_head_dim": 128,
-    "n_group": 8,
-    "topk_group": 4,
-    "num_experts_per_tok": 8,
-    "first_k_dense_replace": 3,
-    "norm_topk_prob": True,
-    "hidden_act": "silu",
-    "max_position_embeddings": 4096,
-    "initializer_range": 0.02,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "rope_interleave": True,
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "num_nextn_predict_layers": 1,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "pad_token_id": None,
-    # --- training fields (not in config.json) ---
-    "seq_length": 4096,
-    "compute_dtype": "bfloat16",
-    "param_init_type": "float32",
-    "layernorm_compute_type": "float32",
-    "softmax_compute_type": "float32",
-    "mtp_loss_factor": 0.3,
-    "topk_bias_update_rate": 0.001,
-    "seq_balance_loss_alpha": 0.0001,
-    "recompute": False,
-    "moe_dispatch_block_size": None,
-    # None: the device's default (grouped_matmul on Ascend, block_sparse elsewhere); see moe.py
-    "moe_dispatch": None,
-    "offset": 0,  # pipeline layer offset (MindFormers `offset`), read by the parallel layout
-}
-
-HF_FIELDS = tuple(name for name in _DEFAULTS if name not in (
-    "seq_length", "compute_dtype", "param_init_type", "layernorm_compute_type", "softmax_compute_type",
-    "mtp_loss_factor", "topk_bias_update_rate", "seq_balance_loss_alpha", "recompute",
-    "moe_dispatch_block_size", "moe_dispatch", "offset"))
-
-# The one table of alternative names: (where it is found, canonical name). `moe_config.x` means the key x inside
-# a nested `moe_config` mapping (MindFormers keeps MoE settings there).
-_ALIASES = (
-    ("num_layers", "num_hidden_layers"),
-    ("num_heads", "num_attention_heads"),
-    ("n_kv_heads", "num_key_value_heads"),
-    ("theta", "rope_theta"),
-    ("init_method_std", "initializer_range"),
-    ("mtp_depth", "num_nextn_predict_layers"),
-    ("num_mtp_layers", "num_nextn_predict_layers"),         # transformers 5 name
-    ("num_local_experts", "n_routed_experts"),              # transformers attribute_map
-    ("scaling_factor", "rope_scaling"),                     # MindFormers YaRN dict (with extend_method: YARN)
-    ("rope_parameters", "rope_scaling"),                    # transformers 5 config.json
-    ("moe_config.expert_num", "n_routed_experts"),
-    ("moe_config.num_experts_chosen", "num_experts_per_tok"),
-    ("moe_config.shared_expert_num", "n_shared_experts"),
-    ("moe_config.routed_scaling_factor", "routed_scaling_factor"),
-    ("moe_config.first_k_dense_replace", "first_k_dense_replace"),
-    ("moe_config.moe_intermediate_size", "moe_intermediate_size"),
-    ("moe_config.n_group", "n_group"),
-    ("moe_config.topk_group", "topk_group"),
-    ("moe_config.topk_bias_update_rate", "topk_bias_update_rate"),
-    ("moe_config.norm_topk_prob", "norm_topk_prob"),
-    ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # MindFormers list form, first entry
-    ("moe_config.aux_loss_factor", "seq_balance_loss_alpha"),
-)
 
 # MindFormers / HF keys that describe kernels, inference or bookkeeping, not the model being trained.
 _IGNORED = frozenset((
@@ -198,19 +116,175 @@ def _normalise_recompute(value, num_layers):
     return (mode(value, "recompute"),) * num_layers
 
 
+def _check_required_hf_values(values):
+    """Refuse HF keys whose value would describe another model (softmax router, other top-k method, ...)."""
+    for key, accepted in _REQUIRED_HF_VALUES.items():
+        if key in values:
+            require(values[key] in accepted, key, values[key],
+                    f"must be {accepted[0]!r}: this implementation is DeepSeek-V3's router/layout")
+
+
+def _training_field(default):
+    """A field that is not part of HF's config.json (numerics, losses, memory, layout)."""
+    return dataclasses.field(default=default, metadata={"in_hf_config": False})
+
+
 @register("config")
+@dataclasses.dataclass(init=False, eq=False)
 class DeepseekV3Config:
-    """DeepSeek-V3 architecture + training numerics. Build with HF names or MindFormers aliases."""
+    """DeepSeek-V3 architecture + training numerics. Build with HF names or MindFormers aliases.
+
+    The constructor is written by hand rather than generated: it takes the canonical field names and the
+    MindFormers aliases alike (the registry builds it from a YAML section), then validates and normalises.
+    """
+
+    # --- HF config.json fields (the DeepSeek-V3 671B release) ---
+    vocab_size: int = 129280
+    """Tokens in the vocabulary: rows of the embedding and of the output head."""
+    hidden_size: int = 7168
+    """Width H of the residual stream."""
+    intermediate_size: int = 18432
+    """Hidden width of the dense SwiGLU FFN of the first `first_k_dense_replace` layers."""
+    moe_intermediate_size: int = 2048
+    """Hidden width of each routed expert's SwiGLU FFN (shared experts: this times n_shared_experts)."""
+    num_hidden_layers: int = 61
+    """Main decoder blocks, MTP modules not counted."""
+    num_attention_heads: int = 128
+    """Attention heads N."""
+    num_key_value_heads: Optional[int] = None
+    """Must equal num_attention_heads (MLA expands its latent to one key/value per head); None is filled with it."""
+    n_shared_experts: int = 1
+    """Shared experts every token of an MoE layer passes through (0: none)."""
+    n_routed_experts: int = 256
+    """Routed experts E per MoE layer."""
+    routed_scaling_factor: float = 2.5
+    """Multiplier of the chosen experts' gate weights (after norm_topk_prob)."""
+    kv_lora_rank: int = 512
+    """Width of MLA's compressed key/value latent."""
+    q_lora_rank: Optional[int] = 1536
+    """Width of the compressed query latent; None projects queries directly (`q_proj`)."""
+    qk_rope_head_dim: int = 64
+    """Per-head query/key dimensions that carry RoPE (the key part is one head shared by all); even."""
+    v_head_dim: int = 128
+    """Per-head value dimensions."""
+    qk_nope_head_dim: int = 128
+    """Per-head query/key dimensions without position encoding."""
+    n_group: int = 8
+    """Expert groups of group-limited routing; each must hold at least 2 experts."""
+    topk_group: int = 4
+    """Groups kept per token (ranked by the sum of their top-2 biased scores)."""
+    num_experts_per_tok: int = 8
+    """Routed experts chosen per token (top-k over the kept groups)."""
+    first_k_dense_replace: int = 3
+    """Main layers below this index use the dense FFN, the others are MoE."""
+    norm_topk_prob: bool = True
+    """Renormalise the chosen experts' gate weights to sum to 1."""
+    hidden_act: str = "silu"
+    """FFN activation; only 'silu' (SwiGLU)."""
+    max_position_embeddings: int = 4096
+    """Context length the HF config declares; `seq_length` sizes the RoPE tables."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal initialisation of weight matrices."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon added to the mean square in every RMSNorm."""
+    tie_word_embeddings: bool = False
+    """Share the embedding matrix with the output head (no `lm_head.weight`)."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: Optional[dict] = None
+    """YaRN parameters (factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim;
+    the last four get defaults), or None for plain RoPE."""
+    rope_interleave: bool = True
+    """Rotary dimensions stored as interleaved pairs, as in the release; False rotates the two halves."""
+    attention_bias: bool = False
+    """Must be False: DeepSeek-V3 projections have no bias."""
+    attention_dropout: float = 0.0
+    """Must be 0: DeepSeek-V3 trains without dropout."""
+    num_nextn_predict_layers: int = 1
+    """Multi-token-prediction modules D, stored as layers after the main ones."""
+    bos_token_id: Optional[int] = 0
+    """Beginning-of-sequence token id (written to config.json; not used in training)."""
+    eos_token_id: Optional[int] = 1
+    """End-of-sequence token id (written to config.json; not used in training)."""
+    pad_token_id: Optional[int] = None
+    """Padding token id (written to config.json; None in the release)."""
+
+    # --- training fields (not in config.json) ---
+    seq_length: int = _training_field(4096)
+    """Training sequence length in tokens: the longest input (it sizes the RoPE tables)."""
+    compute_dtype: str = _training_field("bfloat16")
+    """Dtype of matmuls and activations (one of DTYPE_NAMES; fp32/bf16/mstype names accepted)."""
+    param_init_type: str = _training_field("float32")
+    """Dtype the parameters are stored in."""
+    layernorm_compute_type: str = _training_field("float32")
+    """Dtype RMSNorm computes in."""
+    softmax_compute_type: str = _training_field("float32")
+    """Dtype of the attention softmax."""
+    mtp_loss_factor: float = _training_field(0.3)
+    """Weight of the mean MTP loss in the training loss."""
+    topk_bias_update_rate: float = _training_field(0.001)
+    """Step of the aux-loss-free balancing: each expert's routing bias moves by this much per update."""
+    seq_balance_loss_alpha: float = _training_field(0.0001)
+    """Factor of the sequence-wise balance loss (0 turns it off)."""
+    recompute: Union[bool, str, Sequence] = _training_field(False)
+    """Activation recompute, a bool, a mode of RECOMPUTE_MODES or one per layer; normalised to a per-layer tuple
+    (main layers, then MTP layers)."""
+    moe_dispatch_block_size: Optional[int] = _training_field(None)
+    """Rows per block of the block-sparse MoE dispatch; None lets moe.py choose from the token count."""
+    moe_dispatch: Optional[str] = _training_field(None)
+    """Routed-expert compute, one of MOE_DISPATCHES; None picks the device's default (see moe.py)."""
+    offset: Union[int, Sequence[int]] = _training_field(0)
+    """Pipeline layer offset, an integer or one per stage (MindFormers `offset`, read by the parallel layout)."""
 
     def __init__(self, **kwargs):
+        """Canonical names or MindFormers aliases; unknown keys, contradictions and invalid values raise."""
         values = self._canonical(kwargs)
-        for name, default in _DEFAULTS.items():
+        for name, default in self._defaults().items():
             setattr(self, name, copy.deepcopy(values.get(name, default)))
         self._validate()
 
+    @classmethod
+    def _defaults(cls):
+        """{field name: default}, in field order: the one list of canonical names."""
+        return {field.name: field.default for field in dataclasses.fields(cls)}
+
     # ----- name translation -------------------------------------------------------------------------------
-    @staticmethod
-    def _canonical(kwargs):
+    @classmethod
+    def mindformers_aliases(cls):
+        """The one table of alternative names: (where it is found, canonical name). `moe_config.x` is the key x
+        inside a nested `moe_config` mapping (MindFormers keeps MoE settings there)."""
+        return (
+            ("num_layers", "num_hidden_layers"),
+            ("num_heads", "num_attention_heads"),
+            ("n_kv_heads", "num_key_value_heads"),
+            ("theta", "rope_theta"),
+            ("init_method_std", "initializer_range"),
+            ("mtp_depth", "num_nextn_predict_layers"),
+            ("num_mtp_layers", "num_nextn_predict_layers"),         # transformers 5 name
+            ("num_local_experts", "n_routed_experts"),              # transformers attribute_map
+            ("scaling_factor", "rope_scaling"),                     # MindFormers YaRN dict (with extend_method: YARN)
+            ("rope_parameters", "rope_scaling"),                    # transformers 5 config.json
+            ("moe_config.expert_num", "n_routed_experts"),
+            ("moe_config.num_experts_chosen", "num_experts_per_tok"),
+            ("moe_config.shared_expert_num", "n_shared_experts"),
+            ("moe_config.routed_scaling_factor", "routed_scaling_factor"),
+            ("moe_config.first_k_dense_replace", "first_k_dense_replace"),
+            ("moe_config.moe_intermediate_size", "moe_intermediate_size"),
+            ("moe_config.n_group", "n_group"),
+            ("moe_config.topk_group", "topk_group"),
+            ("moe_config.topk_bias_update_rate", "topk_bias_update_rate"),
+            ("moe_config.norm_topk_prob", "norm_topk_prob"),
+            ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # MindFormers list form, first entry
+            ("moe_config.aux_loss_factor", "seq_balance_loss_alpha"),
+        )
+
+    @classmethod
+    def _known_names(cls):
+        return list(cls._defaults()) + [alias for alias, _ in cls.mindformers_aliases()]
+
+    @classmethod
+    def _canonical(cls, kwargs):
+        """Constructor arguments (canonical names, aliases, ignored keys) -> {canonical name: value}."""
         kwargs = dict(kwargs)
         moe = kwargs.pop("moe_config", None) or {}
         if not isinstance(moe, dict):
@@ -233,10 +307,11 @@ class DeepseekV3Config:
                                   f"({values[canonical]!r}): both set {canonical}")
             values[canonical], origin[canonical] = value, source
 
+        defaults = cls._defaults()
         for key in list(kwargs):
-            if key in _DEFAULTS:
+            if key in defaults:
                 put(key, kwargs.pop(key), key)
-        for alias, canonical in _ALIASES:
+        for alias, canonical in cls.mindformers_aliases():
             table, key = (moe, alias.split(".", 1)[1]) if alias.startswith("moe_config.") else (kwargs, alias)
             if key not in table:
                 continue
@@ -246,22 +321,30 @@ class DeepseekV3Config:
                         "must be a non-empty list (its first entry is the sequence-wise balance loss factor)")
                 value = value[0]
             put(canonical, value, alias)
-        unknown = sorted(set(kwargs) - _IGNORED) + sorted(f"moe_config.{key}" for key in set(moe) - _IGNORED_MOE)
-        if unknown:
-            known = list(_DEFAULTS) + [alias for alias, _ in _ALIASES]
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
-                hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
-            raise ConfigError(f"unknown DeepseekV3Config keys: {', '.join(hints)}")
-        for key, accepted in _REQUIRED_HF_VALUES.items():
-            if key in kwargs:
-                require(kwargs[key] in accepted, key, kwargs[key],
-                        f"must be {accepted[0]!r}: this implementation is DeepSeek-V3's router/layout")
+        cls._refuse_unknown(sorted(set(kwargs) - _IGNORED) + sorted(f"moe_config.{key}"
+                                                                    for key in set(moe) - _IGNORED_MOE))
+        _check_required_hf_values(kwargs)
         return values
+
+    @classmethod
+    def _refuse_unknown(cls, unknown):
+        """One ConfigError listing every unknown key, each with the closest known name when there is one."""
+        if not unknown:
+            return
+        known = cls._known_names()
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise ConfigError(f"unknown DeepseekV3Config keys: {', '.join(hints)}")
 
     # ----- validation ---------------------------------------------------------------------------------------
     def _validate(self):
+        self._check_value_types()
+        self._check_architecture()
+        self._normalise_training_fields()
+
+    def _check_value_types(self):
         def positive_int(name, allow_none=False):
             value = getattr(self, name)
             if allow_none and value is None:
@@ -293,6 +376,8 @@ class DeepseekV3Config:
         for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave", "attention_bias"):
             require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
 
+    def _check_architecture(self):
+        """The rules that make it DeepSeek-V3: MLA head layout, SwiGLU, no bias/dropout, group-limited routing."""
         require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim,
                 "must be even (RoPE rotates pairs of dimensions)")
         require(self.num_key_value_heads in (None, self.num_attention_heads), "num_key_value_heads",
@@ -320,6 +405,9 @@ class DeepseekV3Config:
         require(self.num_experts_per_tok <= self.topk_group * per_group, "num_experts_per_tok",
                 self.num_experts_per_tok, f"must not exceed the experts of the kept groups "
                 f"(topk_group {self.topk_group} x {per_group} experts per group)")
+
+    def _normalise_training_fields(self):
+        """YaRN dict with every key, dtype names, per-layer recompute modes; dispatch and offset checked."""
         self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
         for name in ("compute_dtype", "param_init_type", "layernorm_compute_type", "softmax_compute_type"):
             setattr(self, name, _normalise_dtype(name, getattr(self, name)))
@@ -374,22 +462,19 @@ class DeepseekV3Config:
         model_type = data.get("model_type")
         if model_type not in (None, "deepseek_v3"):
             raise ConfigError(f"model_type ({model_type!r}) in {file} must be 'deepseek_v3'")
-        for key, accepted in _REQUIRED_HF_VALUES.items():
-            if key in data:
-                require(data[key] in accepted, key, data[key],
-                        f"must be {accepted[0]!r}: this implementation is DeepSeek-V3's router/layout")
+        _check_required_hf_values(data)
         rope = data.get("rope_parameters")
         if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in data:
             data["rope_theta"] = rope["rope_theta"]
         if "rope_parameters" in data and "rope_scaling" in data:
             data.pop("rope_parameters")      # both written by transformers 5: rope_scaling is the legacy copy
-        known = set(_DEFAULTS) | {alias for alias, _ in _ALIASES}
+        known = set(cls._known_names())
         skipped = sorted(key for key in data if key not in known)
         if skipped:
             logger.debug("config.json keys not used by DeepseekV3Config: %s", ", ".join(skipped))
         values = {key: value for key, value in data.items() if key in known}
         if "max_position_embeddings" in values and "seq_length" not in overrides:
-            values["seq_length"] = min(values["max_position_embeddings"], _DEFAULTS["seq_length"])
+            values["seq_length"] = min(values["max_position_embeddings"], cls._defaults()["seq_length"])
         values.update(overrides)
         return cls(**values)
 
@@ -404,20 +489,22 @@ class DeepseekV3Config:
         return data
 
     def to_dict(self):
-        data = {name: copy.deepcopy(getattr(self, name)) for name in _DEFAULTS}
+        data = {name: copy.deepcopy(getattr(self, name)) for name in self._defaults()}
         data["recompute"] = list(self.recompute)
         return data
 
     def replace(self, **changes):
-        """A validated copy with some fields changed (e.g. `cfg.replace(compute_dtype="float32")`)."""
+        """A validated copy with some fields changed (e.g. `model_config.replace(compute_dtype="float32")`)."""
         values = self.to_dict()
         if len(set(self.recompute)) == 1:
             values["recompute"] = self.recompute[0]
         values.update(changes)
         return type(self)(**values)
 
-    def __repr__(self):
-        return f"DeepseekV3Config({', '.join(f'{k}={getattr(self, k)!r}' for k in _DEFAULTS)})"
-
     def __eq__(self, other):
         return isinstance(other, DeepseekV3Config) and self.to_dict() == other.to_dict()
+
+
+# The fields written to and read from HF's config.json, in field order.
+HF_FIELDS = tuple(field.name for field in dataclasses.fields(DeepseekV3Config)
+                  if field.metadata.get("in_hf_config", True))

@@ -36,13 +36,15 @@ from research.deepseek3.rope import RotaryEmbedding
 from research.deepseek3.weight_mapping import hf_parameter_shapes
 
 
-def _as_config(config):
-    if isinstance(config, DeepseekV3Config) or type(config).__name__ == "DeepseekV3Config":
-        return config
-    if isinstance(config, dict):
-        values = {key: value for key, value in config.items() if key not in ("type", "auto_register")}
+def _as_model_config(model_config):
+    """A DeepseekV3Config as given, or built from a `model_config` mapping (its `type` key dropped)."""
+    if isinstance(model_config, DeepseekV3Config) or type(model_config).__name__ == "DeepseekV3Config":
+        return model_config
+    if isinstance(model_config, dict):
+        values = {key: value for key, value in model_config.items() if key not in ("type", "auto_register")}
         return DeepseekV3Config(**values)
-    raise TypeError(f"DeepSeek-V3 needs a DeepseekV3Config or a model_config mapping, got {type(config).__name__}")
+    raise TypeError(f"DeepSeek-V3 needs a DeepseekV3Config or a model_config mapping, "
+                    f"got {type(model_config).__name__}")
 
 
 def _name_by_first_path(cell):
@@ -58,18 +60,18 @@ class DeepseekV3Model(nn.Cell):
     """Embedding -> num_hidden_layers decoder blocks -> final RMSNorm. MTP modules live in `layers` after the
     main blocks (their HF names are model.layers.{L+i}) but are run by DeepseekV3ForCausalLM."""
 
-    def __init__(self, config):
+    def __init__(self, model_config):
         super().__init__()
-        cfg = _as_config(config)
-        self.config = cfg
-        self.num_layers = cfg.num_hidden_layers
-        self.embed_tokens = Embedding(cfg)
-        layers = [DecoderLayer(cfg, index) for index in range(cfg.num_hidden_layers)]
-        layers += [MTPLayer(cfg, cfg.num_hidden_layers + depth, self.embed_tokens.weight)
-                   for depth in range(cfg.num_nextn_predict_layers)]
+        model_config = _as_model_config(model_config)
+        self.model_config = model_config
+        self.num_layers = model_config.num_hidden_layers
+        self.embed_tokens = Embedding(model_config)
+        layers = [DecoderLayer(model_config, index) for index in range(self.num_layers)]
+        layers += [MTPLayer(model_config, self.num_layers + depth, self.embed_tokens.weight)
+                   for depth in range(model_config.num_nextn_predict_layers)]
         self.layers = nn.CellList(layers)
-        self.norm = RMSNorm(cfg.hidden_size, cfg)
-        self.rotary = RotaryEmbedding(cfg, cfg.seq_length)
+        self.norm = RMSNorm(model_config.hidden_size, model_config)
+        self.rotary = RotaryEmbedding(model_config, model_config.seq_length)
         _name_by_first_path(self)
 
     def positional(self, seq_length):
@@ -108,19 +110,20 @@ def masked_cross_entropy(logits, labels, weights):
 
 @register("model")
 class DeepseekV3ForCausalLM(nn.Cell):
-    def __init__(self, config=None, **kwargs):
+    def __init__(self, model_config=None, **kwargs):
         super().__init__()
-        cfg = _as_config(config if config is not None else kwargs)
-        self.config = cfg
-        self.model = DeepseekV3Model(cfg)
-        self.tied = bool(cfg.tie_word_embeddings)
-        self.lm_head = OutputHead(cfg, shared_weight=self.model.embed_tokens.weight if self.tied else None)
-        self.num_layers = cfg.num_hidden_layers
-        self.mtp_depth = cfg.num_nextn_predict_layers
-        self.mtp_loss_factor = float(cfg.mtp_loss_factor)
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
-        self.vocab_size = cfg.vocab_size
-        self._apply_recompute(cfg.recompute)
+        model_config = _as_model_config(model_config if model_config is not None else kwargs)
+        self.model_config = model_config
+        self.model = DeepseekV3Model(model_config)
+        self.tied = bool(model_config.tie_word_embeddings)
+        self.lm_head = OutputHead(model_config, shared_weight=self.model.embed_tokens.weight if self.tied else None)
+        self.num_layers = model_config.num_hidden_layers
+        self.mtp_depth = model_config.num_nextn_predict_layers
+        self.mtp_loss_factor = float(model_config.mtp_loss_factor)
+        self.compute_dtype = ms_dtype(model_config.compute_dtype)
+        self.vocab_size = model_config.vocab_size
+        self.n_routed_experts = model_config.n_routed_experts
+        self._apply_recompute(model_config.recompute)
         _name_by_first_path(self)
         self._check_names_and_shapes()
 
@@ -135,7 +138,7 @@ class DeepseekV3ForCausalLM(nn.Cell):
                 layer.self_attn.core.recompute()
 
     def _check_names_and_shapes(self):
-        expected = hf_parameter_shapes(self.config)
+        expected = hf_parameter_shapes(self.model_config)
         actual = {name: tuple(param.shape) for name, param in self.parameters_and_names()}
         if actual != dict(expected):
             missing = sorted(set(expected) - set(actual))
@@ -178,22 +181,23 @@ class DeepseekV3ForCausalLM(nn.Cell):
         if loads:
             expert_load = ops.stop_gradient(ops.stack(loads))
         else:
-            expert_load = ops.zeros((0, self.config.n_routed_experts), ms.float32)
+            expert_load = ops.zeros((0, self.n_routed_experts), ms.float32)
         return loss, lm_loss, mtp_loss, balance, expert_load
 
     # ----- aux-loss-free balancing ------------------------------------------------------------------------
     def moe_layer_biases(self):
         """The e_score_correction_bias Parameters of every MoE block, in layer order (main, then MTP)."""
-        return [self.model.layers[index].mlp.gate.e_score_correction_bias for index in self.config.moe_layer_indices]
+        layers = self.model.layers
+        return [layers[index].mlp.gate.e_score_correction_bias for index in self.model_config.moe_layer_indices]
 
     def update_expert_bias(self, load_np):
         """bias += rate * sign(mean(load) - load) per MoE block; `load_np` [num_moe_layers, E], summed over DP."""
         biases = self.moe_layer_biases()
         load = np.asarray(load_np, dtype=np.float32)
-        expected = (len(biases), self.config.n_routed_experts)
+        expected = (len(biases), self.n_routed_experts)
         if load.shape != expected:
             raise ValueError(f"expert load has shape {load.shape}, expected {expected} "
                              "(num_moe_layers incl. MTP blocks, n_routed_experts)")
         for bias, layer_load in zip(biases, load):
-            updated = expert_bias_update(bias.asnumpy(), layer_load, self.config.topk_bias_update_rate)
+            updated = expert_bias_update(bias.asnumpy(), layer_load, self.model_config.topk_bias_update_rate)
             bias.set_data(Tensor(updated.astype(np.float32)))

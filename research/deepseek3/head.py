@@ -5,16 +5,9 @@ and the cross-entropy's backward adds several more of that size. `HeadCrossEntro
 log-softmax + pick per chunk of tokens, each chunk made to wait for the previous one (`ops.depend`; without it
 the graph may run every chunk's matmul first and hold them all).
 
-Measured on the CPU backend (GRAPH mode, 2048 tokens x 32000 vocab): for head + loss alone, forward + backward,
-the peak was 977 MiB one-shot, 574 MiB in 8 chunks, 357 MiB in 8 ordered chunks; in a whole training step of the
-4-layer benchmark model (benchmarks/bench_model_vs_hf.py) the step's peak RSS was 3293 MiB in one chunk and
-2912 MiB in 8 ordered chunks (3331 MiB before this module existed).
-Chunk size, whole step of that benchmark (before the dS split in mla.py, one run each, peak RSS): 4 M elements per
-chunk (16 chunks) 3233 MiB, 8 M (8 chunks) 2920, 12 M 2875, 16 M (4 chunks) 2864, 24 M 2882, 32 M (2 chunks) 2972;
-step time the same within noise. Smaller chunks are not cheaper overall because every chunk leaves its own
-[vocab, H] partial weight gradient, all summed at the end (AddN), so the default is 16 M elements (64 MB of fp32).
-Also measured and rejected: recomputing the chunks in backward and computing the gradient in the forward pass
-with a custom bprop (both used more memory on this backend), and a one-hot pick (an extra [tokens, vocab]).
+Smaller chunks are not cheaper overall: every chunk leaves its own [vocab, H] partial weight gradient, all
+summed at the end (AddN), hence the default of 16 M elements per chunk (64 MB of fp32), at most 16 chunks.
+Peak-memory measurements and the alternatives tried and rejected: research/deepseek3/README.md.
 
 The per-token arithmetic is the same either way (matmul in the compute dtype, float32 log-softmax, gather of
 the label's log-probability); chunks only split the sum over tokens into partial sums.
@@ -73,16 +66,16 @@ class OutputHead(nn.Cell):
     Parameter (shared, no extra parameter), so the head is a cell of its own that a pipeline stage can hold.
     """
 
-    def __init__(self, cfg, shared_weight=None):
+    def __init__(self, model_config, shared_weight=None):
         super().__init__()
         if shared_weight is None:
-            shared_weight = normal_weight((cfg.vocab_size, cfg.hidden_size), cfg)
+            shared_weight = normal_weight((model_config.vocab_size, model_config.hidden_size), model_config)
         self.weight = shared_weight
-        self.vocab_size = cfg.vocab_size
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.vocab_size = model_config.vocab_size
+        self.compute_dtype = ms_dtype(model_config.compute_dtype)
         self.matmul = ops.MatMul(transpose_b=True)
         self.shard_ops = {"matmul": "lm_head"}
-        self.cross_entropy = HeadCrossEntropy(cfg.vocab_size)
+        self.cross_entropy = HeadCrossEntropy(model_config.vocab_size)
 
     def _weight_and_tokens(self, hidden):
         weight = self.weight

@@ -19,6 +19,7 @@ from mindspore import Tensor
 
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.safetensors_io import OpenFiles, read_checkpoint_dir
+from mindpretrain.model_spec import WeightsMismatchError
 from mindpretrain.utils.logging import get_logger
 from research.deepseek3.weight_mapping import hf_parameter_shapes, release_duplicates
 
@@ -29,7 +30,7 @@ IGNORED_PREFIXES = ("optimizer.",)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(WeightsMismatchError):
     """The checkpoint does not fit the model; the message lists every problem found."""
 
 
@@ -38,11 +39,11 @@ def _layer_index(name):
     return int(match.group(1)) if match else None
 
 
-def plan_load(cfg, located, files, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES):
+def plan_load(model_config, located, files, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES):
     """Check headers only. -> (sources {name: (path, scale_path or None)}, duplicates {copy: (path, source)},
     notes) or raise CheckpointMismatchError listing every problem."""
-    expected = hf_parameter_shapes(cfg)
-    duplicates = release_duplicates(cfg)
+    expected = hf_parameter_shapes(model_config)
+    duplicates = release_duplicates(model_config)
     missing, extra, misshaped, bad_dtype = [], [], [], []
     sources, copies, notes = {}, {}, []
 
@@ -83,10 +84,10 @@ def plan_load(cfg, located, files, allow_missing_mtp=False, ignore_prefixes=IGNO
             bad_dtype.append(f"{name}: stored as {dtype_name} (need F32, BF16, F16 or F8_E4M3 + scale)")
 
     absent = [name for name in expected if name not in located]
-    mtp_names = [name for name in expected if (_layer_index(name) or -1) >= cfg.num_hidden_layers]
+    mtp_names = [name for name in expected if (_layer_index(name) or -1) >= model_config.num_hidden_layers]
     if allow_missing_mtp and mtp_names and set(mtp_names) <= set(absent):
-        notes.append(f"checkpoint has no MTP layers: the {cfg.num_nextn_predict_layers} MTP module(s) keep their "
-                     "initial values (main-model logits are unaffected)")
+        notes.append(f"checkpoint has no MTP layers: the {model_config.num_nextn_predict_layers} MTP module(s) "
+                     "keep their initial values (main-model logits are unaffected)")
         absent = [name for name in absent if name not in set(mtp_names)]
     missing.extend(absent)
 
@@ -97,9 +98,10 @@ def plan_load(cfg, located, files, allow_missing_mtp=False, ignore_prefixes=IGNO
             if items:
                 lines.append(f"{len(items)} {title}:\n    " + "\n    ".join(items))
         raise CheckpointMismatchError(
-            f"checkpoint does not fit the model (hidden_size={cfg.hidden_size}, "
-            f"num_hidden_layers={cfg.num_hidden_layers}, n_routed_experts={cfg.n_routed_experts}, "
-            f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}); nothing was loaded.\n" + "\n".join(lines))
+            f"checkpoint does not fit the model (hidden_size={model_config.hidden_size}, "
+            f"num_hidden_layers={model_config.num_hidden_layers}, n_routed_experts={model_config.n_routed_experts}, "
+            f"num_nextn_predict_layers={model_config.num_nextn_predict_layers}); nothing was loaded.\n"
+            + "\n".join(lines))
     return sources, copies, notes
 
 
@@ -117,11 +119,11 @@ def load_hf_weights(model, path, allow_missing_mtp=False, ignore_prefixes=IGNORE
     allow_missing_mtp: accept a checkpoint without any MTP tensors (e.g. saved by transformers, whose
     DeepseekV3ForCausalLM has no MTP); the MTP modules then keep their values. A partial MTP is still an error.
     """
-    cfg = model.config
+    model_config = model.model_config
     located = read_checkpoint_dir(path)
     files = OpenFiles()
     try:
-        sources, copies, notes = plan_load(cfg, located, files, allow_missing_mtp, ignore_prefixes)
+        sources, copies, notes = plan_load(model_config, located, files, allow_missing_mtp, ignore_prefixes)
         values = {name: _read(files, name, file, scale) for name, (file, scale) in sources.items()}
         for copy, (file, source) in copies.items():
             duplicate = _read(files, copy, file, None)

@@ -1,4 +1,4 @@
-"""Building blocks shared by attention, decoder blocks, MTP and the head: Linear, RMSNorm, SwiGLU, dtype lookup.
+"""Building blocks shared by attention, decoder blocks, MoE, MTP and the head: Linear, RMSNorm, SwiGLU, dtype lookup.
 
 Every cell that computes through primitives the parallel plan may cut declares them in `shard_ops`
 ({attribute name: op kind}); `mindpretrain.parallel.strategies.apply_shard_strategies` walks the cells and gives
@@ -20,24 +20,24 @@ def ms_dtype(name):
     return MS_DTYPES[name]
 
 
-def normal_weight(shape, cfg):
+def normal_weight(shape, model_config):
     """A `weight` Parameter drawn from N(0, initializer_range) in `param_init_type`."""
-    return Parameter(initializer(Normal(sigma=cfg.initializer_range), shape, ms_dtype(cfg.param_init_type)),
-                     name="weight")
+    return Parameter(initializer(Normal(sigma=model_config.initializer_range), shape,
+                                 ms_dtype(model_config.param_init_type)), name="weight")
 
 
 class Linear(nn.Cell):
-    """Bias-free `x @ W^T` with an HF-shaped weight [out, in], computing in `cfg.compute_dtype`.
+    """Bias-free `x @ W^T` with an HF-shaped weight [out, in], computing in `model_config.compute_dtype`.
 
     Any leading dimensions are flattened to tokens for one 2-D MatMul (`transpose_b`, so no transposed copy
     of the weight is made); the strategy of `shard_kind` is written for that [tokens, in] x [out, in] product.
     """
 
-    def __init__(self, in_features, out_features, cfg, shard_kind):
+    def __init__(self, in_features, out_features, model_config, shard_kind):
         super().__init__()
         self.out_features = out_features
-        self.weight = normal_weight((out_features, in_features), cfg)
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.weight = normal_weight((out_features, in_features), model_config)
+        self.compute_dtype = ms_dtype(model_config.compute_dtype)
         self.matmul = ops.MatMul(transpose_b=True)
         self.shard_ops = {"matmul": shard_kind}
 
@@ -61,11 +61,12 @@ class RMSNorm(nn.Cell):
     "attention.latent_norm" for the q/kv latents (split on batch only); its sub-kinds cover every primitive.
     """
 
-    def __init__(self, size, cfg, shard_kind="norm"):
+    def __init__(self, size, model_config, shard_kind="norm"):
         super().__init__()
-        self.weight = Parameter(Tensor(np.ones(size, np.float32), ms_dtype(cfg.param_init_type)), name="weight")
-        self.eps = float(cfg.rms_norm_eps)
-        self.norm_dtype = ms_dtype(cfg.layernorm_compute_type)
+        self.weight = Parameter(Tensor(np.ones(size, np.float32), ms_dtype(model_config.param_init_type)),
+                                name="weight")
+        self.eps = float(model_config.rms_norm_eps)
+        self.norm_dtype = ms_dtype(model_config.layernorm_compute_type)
         self.square = ops.Square()
         self.mean = ops.ReduceMean(keep_dims=True)
         self.eps_add = ops.Add()
@@ -90,21 +91,25 @@ class RMSNorm(nn.Cell):
 
 
 class SwiGLU(nn.Cell):
-    """`down(silu(gate(x)) * up(x))`, the dense FFN of the first `first_k_dense_replace` layers.
+    """`down(silu(gate(x)) * up(x))`: the dense FFN of the first `first_k_dense_replace` layers and the MoE's
+    shared experts.
 
     Parameters `gate_proj/up_proj/down_proj.weight` as in HF. Runs on tokens [B*S, features] so the element-wise
-    primitives have the 2-D layout their strategies (`mlp.silu`, `mlp.swiglu_mul`) describe.
+    primitives have the 2-D layout their strategies describe. `kind_prefix` starts the op kind of every primitive
+    and projection: "mlp." (dense FFN: `mlp.gate_proj`, `mlp.silu`, ...) or "moe.shared_" (shared experts:
+    `moe.shared_gate_proj`, `moe.shared_silu`, ...), the weight kinds of research/deepseek3/sharding.py.
     """
 
-    def __init__(self, hidden_size, intermediate_size, cfg):
+    def __init__(self, hidden_size, intermediate_size, model_config, kind_prefix="mlp."):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, cfg, "mlp.gate_proj")
-        self.up_proj = Linear(hidden_size, intermediate_size, cfg, "mlp.up_proj")
-        self.down_proj = Linear(intermediate_size, hidden_size, cfg, "mlp.down_proj")
+        self.gate_proj = Linear(hidden_size, intermediate_size, model_config, f"{kind_prefix}gate_proj")
+        self.up_proj = Linear(hidden_size, intermediate_size, model_config, f"{kind_prefix}up_proj")
+        self.down_proj = Linear(intermediate_size, hidden_size, model_config, f"{kind_prefix}down_proj")
         self.sigmoid = ops.Sigmoid()
         self.silu_mul = ops.Mul()
         self.gate_mul = ops.Mul()
-        self.shard_ops = {"sigmoid": "mlp.silu", "silu_mul": "mlp.silu_mul", "gate_mul": "mlp.swiglu_mul"}
+        self.shard_ops = {"sigmoid": f"{kind_prefix}silu", "silu_mul": f"{kind_prefix}silu_mul",
+                          "gate_mul": f"{kind_prefix}swiglu_mul"}
 
     def construct(self, x):
         leading = x.shape[:-1]
@@ -123,12 +128,12 @@ class Embedding(nn.Cell):
     under the first cell path holding it (the model re-derives parameter names from those paths).
     """
 
-    def __init__(self, cfg, shared_weight=None):
+    def __init__(self, model_config, shared_weight=None):
         super().__init__()
         if shared_weight is None:
-            shared_weight = normal_weight((cfg.vocab_size, cfg.hidden_size), cfg)
+            shared_weight = normal_weight((model_config.vocab_size, model_config.hidden_size), model_config)
         self.weight = shared_weight
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.compute_dtype = ms_dtype(model_config.compute_dtype)
         self.gather = ops.Gather()
         self.shard_ops = {"gather": "embedding.gather"}
 

@@ -8,8 +8,9 @@ Per token x [H]:
   score  = [q_nope | rope(q_rope)] . [k_nope | rope(kr)] * softmax_scale   (causal, softmax in fp32)
   out    = o_proj(concat_heads(softmax(score) v))
 Parameter names are the HF ones (`self_attn.q_a_proj.weight`, ...). The score/softmax/context part is its own
-parameter-free cell (`core`, see `attention_core`) so selective recompute can recompute exactly the S x S part: on Ascend the
-autodiff `AttentionCore`, elsewhere `RecomputingAttentionCore`, whose hand-written backward is cheaper on CPU.
+parameter-free cell (`core`, see `attention_core`) so selective recompute can recompute exactly the S x S part:
+on Ascend the autodiff `AttentionCore`, elsewhere `RecomputingAttentionCore`, whose hand-written backward is
+cheaper on CPU.
 Projections, the q/k concatenations, the score/context batch matmuls, the scale, the mask add and the softmax
 are primitives declared in `shard_ops` (see layers.py); RoPE and the shared-key broadcast are left to sharding
 propagation.
@@ -37,11 +38,11 @@ class AttentionCore(nn.Cell):
     """softmax(q k^T * scale + mask) v, the softmax in `softmax_compute_type`. Autodiff backward (used where the
     parallel plan shards these primitives, i.e. Ascend; see `RecomputingAttentionCore` for the other devices)."""
 
-    def __init__(self, cfg):
+    def __init__(self, model_config):
         super().__init__()
-        self.scale = float(softmax_scale(cfg))
-        self.softmax_dtype = ms_dtype(cfg.softmax_compute_type)
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.scale = float(softmax_scale(model_config))
+        self.softmax_dtype = ms_dtype(model_config.softmax_compute_type)
+        self.compute_dtype = ms_dtype(model_config.compute_dtype)
         self.scale_mul = ops.Mul()
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
         self.mask_add = ops.Add()
@@ -77,20 +78,16 @@ _BMM_NN = ops.BatchMatMul()
 class RecomputingAttentionCore(AttentionCore):
     """The same forward, with a hand-written backward that takes P from q, k again (FlashAttention style).
 
-    Why (measured on the CPU backend with MindSpore's profiler, benchmarks/bench_model_vs_hf.py config): autodiff
-    of Softmax expands into Mul/ReduceSum/Sub over [B, N, S, S], and that last-axis ReduceSum alone took ~15 ms per
-    layer (the expansion ~27 ms per layer, ~110 ms of a ~1.45 s step; torch's fused softmax backward takes ~2 ms
-    per layer). Here the backward uses the identity  sum_j P_ij dP_ij = sum_j P_ij (dO_i . v_j) = dO_i . O_i,
-    a reduction over [B, N, S, V] instead of [B, N, S, S]:
+    Why: on the CPU backend, autodiff of Softmax expands into Mul/ReduceSum/Sub over [B, N, S, S], and that
+    last-axis ReduceSum dominates the attention backward. Here the backward uses the identity
+    sum_j P_ij dP_ij = sum_j P_ij (dO_i . v_j) = dO_i . O_i, a reduction over [B, N, S, V] instead of [B, N, S, S]:
         dV = P^T dO;  dP = dO V^T;  D = rowsum(dO * O);  W = P * dP;
         dq = scale * (W k - D * (P k));  dk = W^T (scale q) - P^T (D * scale q)     [dS = W - P * D, not formed]
     In GRAPH mode the graph compiler merges the backward's `probabilities(...)` with the identical forward
-    computation (the profile shows one Softmax per layer per step), so P is computed once; in PyNative it is
-    recomputed. Same gradients up to float32 summation order (max abs diff 4e-7 vs autodiff on random inputs).
-    The mask gets no gradient (it is a constant). Whole benchmark step, A/B in alternating runs on the shared
-    2-core machine: 1.42-1.51 s vs 1.69-3.76 s with the autodiff core, same peak RSS (2923 vs 2914 MiB) while dS
-    was formed; splitting dS's two products (below) then cut the step's peak RSS from 2863 to 2683 MiB at equal
-    time (the CPU backend's memory pool reuses [B, N, S, S] blocks poorly, so each one avoided counts per layer).
+    computation, so P is computed once; in PyNative it is recomputed. Same gradients as autodiff up to float32
+    summation order. The mask gets no gradient (it is a constant). Not forming dS matters because the CPU
+    backend's memory pool reuses [B, N, S, S] blocks poorly: each one avoided counts per layer. Profiles and
+    timings: research/deepseek3/README.md.
     """
 
     def bprop(self, query, key, value, mask, out, dout):
@@ -106,40 +103,42 @@ class RecomputingAttentionCore(AttentionCore):
         return grad_query, grad_key, grad_value, ops.zeros_like(mask)
 
 
-def attention_core(cfg, device_target=None):
+def attention_core(model_config, device_target=None):
     """The recomputing core everywhere except Ascend, whose parallel plan shards the autodiff core's primitives
     (and where MindFormers-style flash attention is the production path)."""
     device = str(device_target or ms.get_context("device_target")).upper()
-    return AttentionCore(cfg) if device == "ASCEND" else RecomputingAttentionCore(cfg)
+    return AttentionCore(model_config) if device == "ASCEND" else RecomputingAttentionCore(model_config)
 
 
 class MultiHeadLatentAttention(nn.Cell):
-    def __init__(self, cfg):
+    def __init__(self, model_config):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.nope_dim = cfg.qk_nope_head_dim
-        self.rope_dim = cfg.qk_rope_head_dim
-        self.v_dim = cfg.v_head_dim
-        self.kv_lora_rank = cfg.kv_lora_rank
-        self.interleave = bool(cfg.rope_interleave)
-        self.use_q_lora = cfg.q_lora_rank is not None
-        q_out = self.num_heads * cfg.qk_head_dim
+        self.num_heads = model_config.num_attention_heads
+        self.nope_dim = model_config.qk_nope_head_dim
+        self.rope_dim = model_config.qk_rope_head_dim
+        self.v_dim = model_config.v_head_dim
+        self.kv_lora_rank = model_config.kv_lora_rank
+        self.interleave = bool(model_config.rope_interleave)
+        self.use_q_lora = model_config.q_lora_rank is not None
+        hidden, q_rank = model_config.hidden_size, model_config.q_lora_rank
+        q_out = self.num_heads * model_config.qk_head_dim
+        kv_out = self.num_heads * (self.nope_dim + self.v_dim)
+        # Created in this order (q, kv, o): the random initialisation follows it.
         if self.use_q_lora:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg, "attention.q_a_proj")
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg, "attention.latent_norm")
-            self.q_b_proj = Linear(cfg.q_lora_rank, q_out, cfg, "attention.q_b_proj")
+            self.q_a_proj = Linear(hidden, q_rank, model_config, "attention.q_a_proj")
+            self.q_a_layernorm = RMSNorm(q_rank, model_config, "attention.latent_norm")
+            self.q_b_proj = Linear(q_rank, q_out, model_config, "attention.q_b_proj")
         else:
-            self.q_proj = Linear(cfg.hidden_size, q_out, cfg, "attention.q_proj")
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg,
+            self.q_proj = Linear(hidden, q_out, model_config, "attention.q_proj")
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, model_config,
                                          "attention.kv_a_proj")
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg, "attention.latent_norm")
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg,
-                                "attention.kv_b_proj")
-        self.o_proj = Linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size, cfg, "attention.o_proj")
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, model_config, "attention.latent_norm")
+        self.kv_b_proj = Linear(self.kv_lora_rank, kv_out, model_config, "attention.kv_b_proj")
+        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, model_config, "attention.o_proj")
         self.q_concat = ops.Concat(-1)
         self.k_concat = ops.Concat(-1)
         self.shard_ops = {"q_concat": "attention.qk_concat", "k_concat": "attention.qk_concat"}
-        self.core = attention_core(cfg)
+        self.core = attention_core(model_config)
 
     def construct(self, x, cos, sin, mask):
         batch, seq, _ = x.shape

@@ -1,182 +1,105 @@
 """DeepSeekMoE block: sigmoid router with aux-loss-free bias, group-limited top-k, two dropless dispatches.
 
-Semantics follow the DeepSeek-V3 report (arXiv 2412.19437, section 2.1.2) and HF `DeepseekV3MoE`:
-
-* router logits in float32, scores ``s = sigmoid(x W_g^T)``;
-* selection uses the biased scores ``s + b`` (``gate.e_score_correction_bias``, a non-trained buffer updated by
-  :func:`expert_bias_update`), weights use the unbiased ``s``;
-* group-limited routing: experts are split into ``n_group`` groups, a group scores the sum of its top-2 biased
-  scores, the best ``topk_group`` groups survive and the top-k runs over their experts only;
-* ``norm_topk_prob`` renormalises the k weights (``+1e-20`` as HF does), then ``routed_scaling_factor`` scales;
-* output = sum of the k routed SwiGLU experts (weighted) + the always-on shared experts.
-
-Dispatch design (why blocks)
-----------------------------
-MindSpore GRAPH mode wants static shapes, and a dropless MoE does not know in advance how many tokens each expert
-gets. A per-expert capacity buffer that is dropless must hold all N tokens, which costs as much as running every
-expert on every token. Instead the N*K token-expert assignments are laid out *grouped by expert*, each expert's
-segment padded up to a multiple of a block size ``b``. The padded total is bounded statically:
-``sum_e ceil(c_e / b) * b <= N*K + E*(b-1)``, so the buffer has a fixed number of blocks and every block belongs to
-exactly one expert. Compute is one batched matmul over blocks with the block's expert weights gathered
-(``[blocks, b, H] x [blocks, H, I]``): a "grouped GEMM" emulated with BatchMatMul, which runs on every backend.
-
-* Exactness: no token is dropped; each token's output is gathered back from its K rows and summed over K, so the
-  result equals HF's per-expert loop up to float summation order (tests: <= 1e-5 in fp32, gradients too).
-* Compute: ``N*K + E*(b-1)`` expert rows instead of ``E*N`` (dense). Unused tail blocks and padding rows are fed
-  zeros and never read back, so an expert that receives no token gets an exactly zero weight gradient.
-* Memory: the selected expert weights are copied once per block (``blocks * 3*I*H`` elements, kept for backward),
-  ``dispatch_footprint()`` gives the static sizes. Fine for the CPU/test and 1B configs (8-16 experts); at 671B
-  scale without expert parallelism (E=256, K=8, 4096 tokens: b=32, 1272 blocks) the copies would be 56 G elements
-  (>100 GB in bf16) - there the ``grouped_matmul`` dispatch (below: the same expert-sorted layout without blocks,
-  Ascend's GroupedMatmul, one weight copy per expert instead of per block) is the right kernel.
-* Block size: a power of two near ``N*K / (4E)`` clamped to [8, 128] (padding bound <= ~25% of the real rows,
-  few weight copies); ``block_size=`` or ``cfg.moe_dispatch_block_size`` override it. Cost model: time ~
-  rows + lambda * blocks, optimum ``b ~ sqrt(lambda * N*K / E)``; measured best b=128 at N*K/E=512.
-* Measured (``benchmarks/bench_moe_dispatch.py``, GRAPH mode, 2 shared CPU cores, 8 experts top-2, hidden 256,
-  moe_intermediate 512, 2048 tokens, routed part only): 4,992 expert rows vs 16,384 dense; block 128 ran
-  forward 72 ms vs 182 ms dense and forward+backward 179 ms vs 458 ms (2.5x) in an earlier run with the machine
-  quieter (load ~2); in the recorded run, under load ~8-10 (variants interleaved), 2.2-2.7x forward and
-  2.3-2.7x forward+backward for blocks 64-256, and HF transformers' per-expert loop on PyTorch CPU took ~3x
-  the dense time (results JSON). Compile time is about that of dense (~2-5 s for forward+backward of the block
-  alone, more under load).
-
-Which dispatch runs where (``moe_dispatch``)
---------------------------------------------
-``cfg.moe_dispatch`` (read with ``getattr``; absent or None = by device, `default_moe_dispatch`) or the
-``dispatch=`` argument selects the routed compute:
-
-* ``"block_sparse"`` (default on CPU/GPU): the block layout above, BatchMatMul over gathered weights; runs on every
-  backend, measured and tested here.
-* ``"grouped_matmul"`` (default when ``device_target`` is Ascend): tokens permuted (stably sorted) by expert with
-  no block padding, three calls of Ascend's grouped matmul (`ascend_grouped_matmul`: ``GroupedMatmul(split_item=3,
-  group_type=0)`` from ``mindspore.ops.auto_generate``, x [M, H] with rows grouped by expert, weight [E, in, out],
-  ``group_list`` int64 [E] = cumulative row ends), then unpermute-and-weight. **This path has never run on Ascend
-  hardware**: MindSpore 2.10's CPU backend returns an empty tuple for GroupedMatmul, so selecting it on CPU without
-  an injected kernel is a ConfigError. Everything around the kernel is plain MindSpore ops and is tested on CPU
-  (PyNative and GRAPH, forward and gradients, against the block-sparse path and HF) with a reference grouped
-  matmul injected through ``DeepseekV3MoE(cfg, grouped_matmul=fn)``; the reference reproduces the worked example
-  of the kernel's documentation.
-
-Grouped-matmul layout and cost: each expert's segment holds its tokens in token order plus one zero *guard row*,
-so ``group_list = cumsum(counts + 1)`` is strictly increasing and no group is empty (see `expert_sorted_layout`);
-rows = N*K + E. The kernel wants weights as one [E, in, out] tensor while the checkpoint has one [out, in]
-Parameter per expert (``experts.{e}.gate_proj.weight`` ...): they are stacked and transposed at runtime, i.e.
-one compute-dtype copy of the layer's expert weights per projection, kept for backward
-(`grouped_matmul_footprint`). At 671B scale without expert parallelism that copy is 3*E*H*I = 11.3 G elements
-(22.5 GB in bf16) per MoE layer, held from its forward to its backward - 5x less than the block-sparse per-block
-copies (56 G), but over the 58 MoE layers (or a pipeline stage's share) far beyond a 64 GB device; the layer's
-expert *parameters* alone are the same 11.3 G elements (45 GB in fp32), so 671B needs
-expert parallelism (AlltoAll token exchange, E/ep experts per rank, e.g. ep=64: 4 experts, 0.35 GB of stacked bf16
-weights per layer) whatever the kernel. Expert parallelism is out of scope of this module: every rank computes
-all experts. With mixed precision the stack replaces the fp32 -> bf16 cast copy every layer makes anyway (whether
-the compiler fuses cast + stack + transpose into one buffer is unmeasured). If that copy matters, the better scheme
-is one stacked Parameter per projection in the kernel's layout (MindFormers' w1/w2/w3), split into/joined from the
-per-expert HF names by the weight mapping at load/save; not done because parameter names are the project's
-contract. ``GroupedMatmul(transpose_b=True)`` would skip the transpose, but the docs' note on which calls have a
-backward does not mention the transpose flags and MindFormers calls the untransposed form, so that form is used.
-The 2.10 docs of GroupedMatmul list float16/float32 inputs only (GroupedMatmulV4 and ``gmm`` list bfloat16 too, and
-MindFormers runs GroupedMatmul in bfloat16): bfloat16 compute on this path is, like the rest of it, unverified.
-
-Positions within an expert segment come from an exclusive cumulative sum over the one-hot assignment matrix
-(``[N*K, E]``), not from a sort, so the layout is deterministic and needs no sort kernel.
-
-Balance loss: the complementary sequence-wise loss of the report (eq. 17-20), computed per sequence and averaged;
-``cfg.seq_balance_loss_alpha == 0`` skips it entirely.
+Routing follows the DeepSeek-V3 report (arXiv 2412.19437, section 2.1.2) and HF `DeepseekV3MoE`; the output is the
+router-weighted sum of the k routed SwiGLU experts plus the always-on shared experts. GRAPH mode wants static
+shapes while a dropless MoE cannot know how many tokens each expert gets, so both dispatches lay the token-expert
+assignments out grouped by expert in a buffer whose size is bounded statically: ``block_sparse`` (fixed-size
+blocks, batched matmuls; every backend) and ``grouped_matmul`` (Ascend's GroupedMatmul kernel; never run on
+Ascend). The design, its costs, the measurements and what is tested are in research/deepseek3/README.md.
 """
 import numpy as np
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, initializer
-from mindspore.ops.auto_generate import GroupedMatmul
+from mindspore.ops.auto_generate import GroupedMatmul, SiLU
 
-from mindpretrain.config import require
+from mindpretrain.validation import require
 from research.deepseek3.deepseek3_config import MOE_DISPATCHES
-
-_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
-
-
-def _dtype(cfg, name, default="float32"):
-    value = getattr(cfg, name, None) or default
-    if not isinstance(value, str):
-        return value
-    require(value in _DTYPES, name, value, f"must be one of {sorted(_DTYPES)}")
-    return _DTYPES[value]
+from research.deepseek3.layers import SwiGLU, ms_dtype, normal_weight
 
 
-def _normal_parameter(shape, cfg):
-    sigma = float(getattr(cfg, "initializer_range", 0.02))
-    return Parameter(initializer(Normal(sigma=sigma), shape, _dtype(cfg, "param_init_type")), name="weight")
+class ProjectionWeight(nn.Cell):
+    """One routed-expert projection's HF-shaped `weight` [out, in]; the dispatch computes with it."""
 
-
-class Linear(nn.Cell):
-    """Bias-free linear layer with an HF-shaped ``weight`` [out, in], computing in ``cfg.compute_dtype``."""
-
-    def __init__(self, in_features, out_features, cfg):
+    def __init__(self, in_features, out_features, model_config):
         super().__init__()
-        self.weight = _normal_parameter((out_features, in_features), cfg)
-        self.compute_dtype = _dtype(cfg, "compute_dtype")
-
-    def construct(self, x):
-        weight = ops.cast(self.weight, self.compute_dtype)
-        return ops.matmul(ops.cast(x, self.compute_dtype), weight.T)
+        self.weight = normal_weight((out_features, in_features), model_config)
 
 
-class SwiGLUMLP(nn.Cell):
-    """``down(silu(gate(x)) * up(x))``: the dense FFN, the shared experts and each routed expert."""
+class RoutedExpert(nn.Cell):
+    """A routed expert's `gate_proj/up_proj/down_proj.weight` (HF names), without compute of its own.
 
-    def __init__(self, hidden_size, intermediate_size, cfg):
+    Both dispatches compute all experts at once from the weights stacked across experts, so an expert holds no
+    primitive (nothing for the shard plan to find) and is never called.
+    """
+
+    def __init__(self, hidden_size, intermediate_size, model_config):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, cfg)
-        self.up_proj = Linear(hidden_size, intermediate_size, cfg)
-        self.down_proj = Linear(intermediate_size, hidden_size, cfg)
-
-    def construct(self, x):
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+        self.gate_proj = ProjectionWeight(hidden_size, intermediate_size, model_config)
+        self.up_proj = ProjectionWeight(hidden_size, intermediate_size, model_config)
+        self.down_proj = ProjectionWeight(intermediate_size, hidden_size, model_config)
 
 
 class TopkRouter(nn.Cell):
     """Sigmoid gate with group-limited top-k; the bias only steers selection (aux-loss-free balancing).
 
+    Scores ``s = sigmoid(x W_g^T)`` in float32; experts are chosen on ``s + b`` (``e_score_correction_bias``, a
+    buffer updated by `expert_bias_update`) but weighted by ``s``. With ``topk_group < n_group`` a group scores
+    the sum of its top-2 biased scores and only the best ``topk_group`` groups' experts compete. The weights are
+    renormalised when ``norm_topk_prob`` (``+1e-20`` as HF) and scaled by ``routed_scaling_factor``.
     Sizes (n_group divides the experts, >= 2 experts per group, k fits the kept groups) are validated once, by
-    `DeepseekV3Config`, when the config is loaded.
+    `DeepseekV3Config`, when the config is loaded. The matmul, sigmoid, bias add and top-k's are primitives
+    declared in `shard_ops` (kinds `moe.router`, `moe.router_*`, `moe.group_*`, `moe.topk`).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, model_config):
         super().__init__()
-        self.num_experts = cfg.n_routed_experts
-        self.top_k = cfg.num_experts_per_tok
-        self.n_group = cfg.n_group or 1
-        self.topk_group = cfg.topk_group or self.n_group
-        self.norm_topk_prob = bool(cfg.norm_topk_prob)
-        self.routed_scaling_factor = float(cfg.routed_scaling_factor)
-        self.weight = _normal_parameter((self.num_experts, cfg.hidden_size), cfg)
+        self.num_experts = model_config.n_routed_experts
+        self.top_k = model_config.num_experts_per_tok
+        self.n_group = model_config.n_group or 1
+        self.topk_group = model_config.topk_group or self.n_group
+        self.norm_topk_prob = bool(model_config.norm_topk_prob)
+        self.routed_scaling_factor = float(model_config.routed_scaling_factor)
+        self.weight = normal_weight((self.num_experts, model_config.hidden_size), model_config)
         self.e_score_correction_bias = Parameter(Tensor(np.zeros(self.num_experts, np.float32)),
                                                  name="e_score_correction_bias", requires_grad=False)
+        self.logits_matmul = ops.MatMul(transpose_b=True)
+        self.sigmoid = ops.Sigmoid()
+        self.bias_add = ops.Add()
+        self.group_top2 = ops.TopK(sorted=True)
+        self.group_topk = ops.TopK(sorted=True)
+        self.topk = ops.TopK(sorted=True)
+        self.shard_ops = {"logits_matmul": "moe.router", "sigmoid": "moe.router_sigmoid",
+                          "bias_add": "moe.router_bias_add", "group_top2": "moe.group_top2",
+                          "group_topk": "moe.group_topk", "topk": "moe.topk"}
 
     def construct(self, x):
         """x [N, H] -> (scores [N, E] fp32, topk_idx int32 [N, K], topk_weight fp32 [N, K])."""
-        logits = ops.matmul(ops.cast(x, ms.float32), ops.cast(self.weight, ms.float32).T)
-        scores = ops.sigmoid(logits)
-        choice = scores + ops.stop_gradient(self.e_score_correction_bias)
+        logits = self.logits_matmul(ops.cast(x, ms.float32), ops.cast(self.weight, ms.float32))
+        scores = self.sigmoid(logits)
+        choice = self.bias_add(scores, ops.stop_gradient(self.e_score_correction_bias))
         choice = ops.stop_gradient(choice)
         if self.topk_group < self.n_group:
-            tokens = choice.shape[0]
-            per_group = choice.reshape(tokens, self.n_group, self.num_experts // self.n_group)
-            group_scores = ops.topk(per_group, 2, dim=-1)[0].sum(-1)
-            group_idx = ops.topk(group_scores, self.topk_group, dim=-1)[1]
-            group_mask = ops.one_hot(group_idx, self.n_group, Tensor(1.0, ms.float32),
-                                     Tensor(0.0, ms.float32)).sum(1)
-            expert_mask = ops.broadcast_to(group_mask.reshape(tokens, self.n_group, 1), per_group.shape)
-            expert_mask = expert_mask.reshape(tokens, self.num_experts)
-            choice = ops.where(expert_mask > 0.5, choice, ops.full_like(choice, float("-inf")))
-        topk_idx = ops.topk(choice, self.top_k, dim=-1)[1]
+            choice = self._keep_best_groups(choice)
+        topk_idx = self.topk(choice, self.top_k)[1]
         topk_idx = ops.cast(topk_idx, ms.int32)
         topk_weight = ops.gather_elements(scores, 1, topk_idx)
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(-1, keepdims=True) + 1e-20)
         topk_weight = topk_weight * self.routed_scaling_factor
         return scores, topk_idx, topk_weight
+
+    def _keep_best_groups(self, choice):
+        """-inf for the experts outside the ``topk_group`` groups with the highest sum of their top-2 scores."""
+        tokens = choice.shape[0]
+        per_group = choice.reshape(tokens, self.n_group, self.num_experts // self.n_group)
+        group_scores = self.group_top2(per_group, 2)[0].sum(-1)
+        group_idx = self.group_topk(group_scores, self.topk_group)[1]
+        group_mask = ops.one_hot(group_idx, self.n_group, Tensor(1.0, ms.float32),
+                                 Tensor(0.0, ms.float32)).sum(1)
+        expert_mask = ops.broadcast_to(group_mask.reshape(tokens, self.n_group, 1), per_group.shape)
+        expert_mask = expert_mask.reshape(tokens, self.num_experts)
+        return ops.where(expert_mask > 0.5, choice, ops.full_like(choice, float("-inf")))
 
 
 def default_block_size(assignments, num_experts):
@@ -269,101 +192,39 @@ def grouped_matmul_footprint(tokens, top_k, num_experts, hidden_size, intermedia
                 stacked_weight_elements=3 * num_experts * hidden_size * intermediate_size)
 
 
-class DeepseekV3MoE(nn.Cell):
-    """Routed + shared experts. ``construct(hidden [B,S,H]) -> (out [B,S,H], load fp32 [E], balance_loss)``.
+def _with_zero_row(x, dtype):
+    """x [N, H] in ``dtype`` with one zero row appended: the row padding and guard rows read (index N)."""
+    return ops.concat([ops.cast(x, dtype), ops.zeros((1, x.shape[1]), dtype)], axis=0)
 
-    ``dispatch`` (or ``cfg.moe_dispatch``; None = `default_moe_dispatch` for the current device) picks the routed
-    compute: ``"block_sparse"`` or ``"grouped_matmul"``. ``grouped_matmul`` is the kernel function of the grouped
-    path (default `ascend_grouped_matmul`; CPU tests pass a reference with the same signature).
+
+class BlockSparseExperts(nn.Cell):
+    """Routed compute of the ``block_sparse`` dispatch (every backend).
+
+    Each expert's rows are padded to a multiple of the block size ``b``, so every block belongs to one expert and
+    one batched matmul per projection covers all of them with the block's expert weights gathered:
+    ``[blocks, b, H] x [blocks, I, H]^T``. The three batched matmuls, the SiLU and the gate * up product are
+    primitives declared in `shard_ops` (kinds `moe.expert_*`, whose table entries describe these block shapes).
     """
 
-    def __init__(self, cfg, block_size=None, dispatch=None, grouped_matmul=None):
+    def __init__(self, num_experts, top_k, block_size, compute_dtype):
         super().__init__()
-        self.num_experts = cfg.n_routed_experts
-        self.top_k = cfg.num_experts_per_tok
-        self.hidden_size = cfg.hidden_size
-        self.compute_dtype = _dtype(cfg, "compute_dtype")
-        self.block_size = block_size or getattr(cfg, "moe_dispatch_block_size", None)
-        self.dispatch = dispatch or getattr(cfg, "moe_dispatch", None) or default_moe_dispatch()
-        require(self.dispatch in MOE_DISPATCHES, "moe_dispatch", self.dispatch, f"must be one of {MOE_DISPATCHES}")
-        if self.dispatch == "grouped_matmul" and grouped_matmul is None:
-            device = ms.get_context("device_target")
-            require(str(device).upper() == "ASCEND", "moe_dispatch", self.dispatch,
-                    f"needs Ascend's GroupedMatmul kernel, which MindSpore does not implement on device_target "
-                    f"{device}: use block_sparse there")
-            grouped_matmul = ascend_grouped_matmul
-        self.grouped_matmul = grouped_matmul
-        self.balance_alpha = float(getattr(cfg, "seq_balance_loss_alpha", 0.0) or 0.0)
-        self.gate = TopkRouter(cfg)
-        self.experts = nn.CellList([SwiGLUMLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg)
-                                    for _ in range(self.num_experts)])
-        self.batch_matmul_nt = ops.BatchMatMul(transpose_b=True)   # x @ W^T without materialising W^T
-        self.shared_experts = None
-        if cfg.n_shared_experts:
-            self.shared_experts = SwiGLUMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg)
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.block_size = block_size
+        self.compute_dtype = compute_dtype
+        self.gate_matmul = ops.BatchMatMul(transpose_b=True)     # x @ W^T without materialising W^T
+        self.up_matmul = ops.BatchMatMul(transpose_b=True)
+        self.down_matmul = ops.BatchMatMul(transpose_b=True)
+        self.silu = SiLU()
+        self.swiglu_mul = ops.Mul()
+        self.shard_ops = {"gate_matmul": "moe.expert_gate_proj", "up_matmul": "moe.expert_up_proj",
+                          "down_matmul": "moe.expert_down_proj", "silu": "moe.expert_silu",
+                          "swiglu_mul": "moe.expert_swiglu_mul"}
 
-    def _stacked(self, which):
-        """[E, out, in] view of one projection across experts (ops.stack passes gradients to each Parameter)."""
-        weights = []
-        for expert in self.experts:
-            weights.append(getattr(expert, which).weight)
-        return ops.cast(ops.stack(weights), self.compute_dtype)
-
-    def construct(self, hidden):
-        batch, seq, hidden_size = hidden.shape
-        tokens = batch * seq
-        x = hidden.reshape(tokens, hidden_size)
-        scores, topk_idx, topk_weight = self.gate(x)
-
-        selected = ops.one_hot(topk_idx.reshape(-1), self.num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))
-        selected = ops.stop_gradient(selected)                                   # [N*K, E]
-        counts = selected.sum(0)                                                 # [E]
-        load = ops.stop_gradient(ops.cast(counts, ms.float32))
-
-        routed = self._dispatch_compute_combine(x, selected, counts, topk_weight)
-        out = routed.reshape(batch, seq, hidden_size)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden)
-
-        if self.balance_alpha > 0:
-            balance_loss = self._sequence_balance_loss(scores.reshape(batch, seq, self.num_experts),
-                                                       selected.reshape(batch, seq * self.top_k, self.num_experts))
-        else:
-            balance_loss = Tensor(0.0, ms.float32)
-        return out, load, balance_loss
-
-    def _dispatch_compute_combine(self, x, selected, counts, topk_weight):
-        if self.dispatch == "grouped_matmul":
-            return self._grouped_compute_combine(x, selected, counts, topk_weight)
-        return self._block_compute_combine(x, selected, counts, topk_weight)
-
-    def _grouped_compute_combine(self, x, selected, counts, topk_weight):
-        """Permute tokens by expert, three grouped matmuls over [E, in, out] weights, unpermute and weight."""
-        source, row_of, group_list = expert_sorted_layout(selected, counts, self.top_k)
-        x_sorted = ops.gather(self._with_zero_row(x), source, 0)                # [N*K+E, H]
-        gate = self.grouped_matmul(x_sorted, self._stacked_in_out("gate_proj"), group_list)
-        up = self.grouped_matmul(x_sorted, self._stacked_in_out("up_proj"), group_list)
-        y_sorted = self.grouped_matmul(ops.silu(gate) * up, self._stacked_in_out("down_proj"), group_list)
-        return self._combine(y_sorted, row_of, topk_weight)
-
-    def _stacked_in_out(self, which):
-        """[E, in, out] (the kernel's x @ W layout) from the per-expert [out, in] Parameters: a runtime copy."""
-        return ops.transpose(self._stacked(which), (0, 2, 1))
-
-    def _with_zero_row(self, x):
-        return ops.concat([ops.cast(x, self.compute_dtype), ops.zeros((1, x.shape[1]), self.compute_dtype)], axis=0)
-
-    def _combine(self, y_rows, row_of, topk_weight):
-        """Unpermute: each token sums its K rows, weighted by the router's (unbiased, scaled) weights."""
-        tokens = topk_weight.shape[0]
-        y_assign = ops.gather(y_rows, row_of, 0).reshape(tokens, self.top_k, y_rows.shape[1])
-        weight = ops.cast(topk_weight, self.compute_dtype).reshape(tokens, self.top_k, 1)
-        return (y_assign * weight).sum(1)
-
-    def _block_compute_combine(self, x, selected, counts, topk_weight):
+    def construct(self, x, selected, counts, gate_weights, up_weights, down_weights):
+        """x [N, H], selected int32 [N*K, E], counts [E], weights [E, out, in] -> (y_rows [rows, H], row_of [N*K])."""
         tokens = x.shape[0]
-        assignments = tokens * self.top_k
-        block = self.block_size or default_block_size(assignments, self.num_experts)
+        block = self.block_size or default_block_size(tokens * self.top_k, self.num_experts)
         blocks = num_dispatch_blocks(tokens, self.top_k, self.num_experts, block)
         rows = blocks * block
 
@@ -378,17 +239,132 @@ class DeepseekV3MoE(nn.Cell):
         block_expert = (block_first_row >= padded_end.reshape(1, -1)).astype(ms.int32).sum(1)
         block_expert = ops.stop_gradient(ops.minimum(block_expert, self.num_experts - 1))
 
-        x_blocks = ops.gather(self._with_zero_row(x), source, 0).reshape(blocks, block, x.shape[1])
+        x_blocks = ops.gather(_with_zero_row(x, self.compute_dtype), source, 0).reshape(blocks, block, x.shape[1])
+        gate_w = ops.gather(gate_weights, block_expert, 0)                     # [blocks, I, H]
+        up_w = ops.gather(up_weights, block_expert, 0)
+        down_w = ops.gather(down_weights, block_expert, 0)                     # [blocks, H, I]
+        h = self.swiglu_mul(self.silu(self.gate_matmul(x_blocks, gate_w)), self.up_matmul(x_blocks, up_w))
+        return self.down_matmul(h, down_w).reshape(rows, x.shape[1]), row_of
 
-        gate_w = ops.gather(self._stacked("gate_proj"), block_expert, 0)       # [blocks, I, H]
-        up_w = ops.gather(self._stacked("up_proj"), block_expert, 0)
-        down_w = ops.gather(self._stacked("down_proj"), block_expert, 0)       # [blocks, H, I]
-        h = ops.silu(self.batch_matmul_nt(x_blocks, gate_w)) * self.batch_matmul_nt(x_blocks, up_w)
-        y_rows = self.batch_matmul_nt(h, down_w).reshape(rows, x.shape[1])
+
+class GroupedMatmulExperts(nn.Cell):
+    """Routed compute of the ``grouped_matmul`` dispatch (Ascend's kernel, or a reference injected on CPU).
+
+    Tokens permuted (stably sorted) by expert, one guard row per expert (`expert_sorted_layout`), three grouped
+    matmuls over [E, in, out] weights: the per-expert [out, in] Parameters stacked and transposed at runtime.
+    No primitive is declared for sharding: the kernel is one module-level primitive and expert parallelism (its
+    AlltoAll token exchange) is not implemented, so this path is left to sharding propagation.
+    """
+
+    def __init__(self, top_k, grouped_matmul, compute_dtype):
+        super().__init__()
+        self.top_k = top_k
+        self.grouped_matmul = grouped_matmul
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x, selected, counts, gate_weights, up_weights, down_weights):
+        """Same arguments as `BlockSparseExperts` -> (y_sorted [N*K+E, H], row_of [N*K])."""
+        source, row_of, group_list = expert_sorted_layout(selected, counts, self.top_k)
+        x_sorted = ops.gather(_with_zero_row(x, self.compute_dtype), source, 0)   # [N*K+E, H]
+        gate = self.grouped_matmul(x_sorted, ops.transpose(gate_weights, (0, 2, 1)), group_list)
+        up = self.grouped_matmul(x_sorted, ops.transpose(up_weights, (0, 2, 1)), group_list)
+        y_sorted = self.grouped_matmul(ops.silu(gate) * up, ops.transpose(down_weights, (0, 2, 1)), group_list)
+        return y_sorted, row_of
+
+
+class DeepseekV3MoE(nn.Cell):
+    """Routed + shared experts. ``construct(hidden [B,S,H]) -> (out [B,S,H], load fp32 [E], balance_loss)``.
+
+    ``dispatch`` (or ``model_config.moe_dispatch``; None = `default_moe_dispatch` for the current device) picks the
+    routed compute: ``"block_sparse"`` or ``"grouped_matmul"``. ``grouped_matmul`` is the kernel function of the
+    grouped path (default `ascend_grouped_matmul`; CPU tests pass a reference with the same signature).
+    Parameters keep HF's names: ``gate.*``, ``experts.{e}.{gate,up,down}_proj.weight``, ``shared_experts.*``.
+    """
+
+    def __init__(self, model_config, block_size=None, dispatch=None, grouped_matmul=None):
+        super().__init__()
+        self.num_experts = model_config.n_routed_experts
+        self.top_k = model_config.num_experts_per_tok
+        self.hidden_size = model_config.hidden_size
+        self.compute_dtype = ms_dtype(model_config.compute_dtype)
+        self.block_size = block_size or getattr(model_config, "moe_dispatch_block_size", None)
+        self.dispatch = dispatch or getattr(model_config, "moe_dispatch", None) or default_moe_dispatch()
+        require(self.dispatch in MOE_DISPATCHES, "moe_dispatch", self.dispatch, f"must be one of {MOE_DISPATCHES}")
+        if self.dispatch == "grouped_matmul" and grouped_matmul is None:
+            device = ms.get_context("device_target")
+            require(str(device).upper() == "ASCEND", "moe_dispatch", self.dispatch,
+                    f"needs Ascend's GroupedMatmul kernel, which MindSpore does not implement on device_target "
+                    f"{device}: use block_sparse there")
+            grouped_matmul = ascend_grouped_matmul
+        self.grouped_matmul = grouped_matmul
+        self.balance_alpha = float(getattr(model_config, "seq_balance_loss_alpha", 0.0) or 0.0)
+        self.gate = TopkRouter(model_config)
+        self.experts = nn.CellList([RoutedExpert(model_config.hidden_size, model_config.moe_intermediate_size,
+                                                 model_config) for _ in range(self.num_experts)])
+        if self.dispatch == "grouped_matmul":
+            self.routed_compute = GroupedMatmulExperts(self.top_k, grouped_matmul, self.compute_dtype)
+        else:
+            self.routed_compute = BlockSparseExperts(self.num_experts, self.top_k, self.block_size,
+                                                     self.compute_dtype)
+        self.shared_experts = None
+        if model_config.n_shared_experts:
+            self.shared_experts = SwiGLU(model_config.hidden_size,
+                                         model_config.moe_intermediate_size * model_config.n_shared_experts,
+                                         model_config, "moe.shared_")
+        self.combine_mul = ops.Mul()
+        self.shard_ops = {"combine_mul": "moe.combine_mul"}
+
+    def _stacked(self, which):
+        """[E, out, in] view of one projection across experts (ops.stack passes gradients to each Parameter)."""
+        weights = []
+        for expert in self.experts:
+            weights.append(getattr(expert, which).weight)
+        return ops.cast(ops.stack(weights), self.compute_dtype)
+
+    def construct(self, hidden):
+        batch, seq, hidden_size = hidden.shape
+        tokens = batch * seq
+        x = hidden.reshape(tokens, hidden_size)
+        # Shared experts first, on x: x's gradient then sums its parts in the order that keeps training bit-equal
+        # (PyNative and GRAPH) to the formulation before the MoE used layers.SwiGLU.
+        shared = None
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+        scores, topk_idx, topk_weight = self.gate(x)
+
+        selected = ops.one_hot(topk_idx.reshape(-1), self.num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))
+        selected = ops.stop_gradient(selected)                                   # [N*K, E]
+        counts = selected.sum(0)                                                 # [E]
+        load = ops.stop_gradient(ops.cast(counts, ms.float32))
+
+        out = self._dispatch_compute_combine(x, selected, counts, topk_weight)
+        if self.shared_experts is not None:
+            out = out + shared
+        out = out.reshape(batch, seq, hidden_size)
+
+        if self.balance_alpha > 0:
+            balance_loss = self._sequence_balance_loss(scores.reshape(batch, seq, self.num_experts),
+                                                       selected.reshape(batch, seq * self.top_k, self.num_experts))
+        else:
+            balance_loss = Tensor(0.0, ms.float32)
+        return out, load, balance_loss
+
+    def _dispatch_compute_combine(self, x, selected, counts, topk_weight):
+        """x [N, H] -> the routed experts' weighted sum per token [N, H]."""
+        y_rows, row_of = self.routed_compute(x, selected, counts, self._stacked("gate_proj"),
+                                             self._stacked("up_proj"), self._stacked("down_proj"))
         return self._combine(y_rows, row_of, topk_weight)
 
+    def _combine(self, y_rows, row_of, topk_weight):
+        """Unpermute: each token sums its K rows, weighted by the router's (unbiased, scaled) weights."""
+        tokens = topk_weight.shape[0]
+        y_assign = ops.gather(y_rows, row_of, 0).reshape(tokens, self.top_k, y_rows.shape[1])
+        weight = ops.cast(topk_weight, self.compute_dtype).reshape(tokens, self.top_k, 1)
+        return self.combine_mul(y_assign, weight).sum(1)
+
     def _sequence_balance_loss(self, scores, selected):
-        """alpha * mean_b sum_i f_i P_i with f_i = E/(K T) * #tokens choosing i, P_i = mean_t s_i / sum_j s_j."""
+        """alpha * mean_b sum_i f_i P_i with f_i = E/(K T) * #tokens choosing i, P_i = mean_t s_i / sum_j s_j;
+        the complementary sequence-wise loss of the report (eq. 17-20); alpha = 0 skips it."""
         seq = scores.shape[1]
         normalised = scores / scores.sum(-1, keepdims=True)
         p = normalised.mean(1)                                                   # [B, E]

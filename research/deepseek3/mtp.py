@@ -36,9 +36,9 @@ def shift_left(tensor, steps):
 class SharedHead(nn.Cell):
     """Holds the module's final norm; the output projection itself is the main model's head (shared)."""
 
-    def __init__(self, cfg):
+    def __init__(self, model_config):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg)
+        self.norm = RMSNorm(model_config.hidden_size, model_config)
 
     def construct(self, hidden):
         return self.norm(hidden)
@@ -47,13 +47,13 @@ class SharedHead(nn.Cell):
 class MTPLayer(DecoderLayer):
     """A decoder block (always MoE) preceded by the embedding/hidden merge and followed by its own norm."""
 
-    def __init__(self, cfg, layer_index, embedding_weight):
-        super().__init__(cfg, layer_index)
-        self.embed_tokens = Embedding(cfg, shared_weight=embedding_weight)
-        self.enorm = RMSNorm(cfg.hidden_size, cfg)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg, "mtp.eh_proj")
-        self.shared_head = SharedHead(cfg)
+    def __init__(self, model_config, layer_index, embedding_weight):
+        super().__init__(model_config, layer_index)
+        self.embed_tokens = Embedding(model_config, shared_weight=embedding_weight)
+        self.enorm = RMSNorm(model_config.hidden_size, model_config)
+        self.hnorm = RMSNorm(model_config.hidden_size, model_config)
+        self.eh_proj = Linear(2 * model_config.hidden_size, model_config.hidden_size, model_config, "mtp.eh_proj")
+        self.shared_head = SharedHead(model_config)
         self.merge_concat = ops.Concat(-1)
         self.shard_ops = dict(self.shard_ops, merge_concat="mtp.concat")
 

@@ -32,15 +32,16 @@ def _numel(shape):
     return count
 
 
-def count_parameters(cfg):
+def count_parameters(model_config):
     """-> OrderedDict of counts (ints) described in the module docstring, plus `by_group` per group name."""
-    main = [spec for spec in parameter_specs(cfg) if spec.layer is None or spec.layer < cfg.num_hidden_layers]
-    mtp = [spec for spec in parameter_specs(cfg) if spec.layer is not None and spec.layer >= cfg.num_hidden_layers]
-    fraction = cfg.num_experts_per_tok / cfg.n_routed_experts
+    specs, layers = parameter_specs(model_config), model_config.num_hidden_layers
+    main = [spec for spec in specs if spec.layer is None or spec.layer < layers]
+    mtp = [spec for spec in specs if spec.layer is not None and spec.layer >= layers]
+    fraction = model_config.num_experts_per_tok / model_config.n_routed_experts
 
-    def activated(specs):
-        routed = sum(_numel(spec.shape) for spec in specs if spec.group == "routed_expert")
-        others = sum(_numel(spec.shape) for spec in specs if spec.group != "routed_expert")
+    def activated(subset):
+        routed = sum(_numel(spec.shape) for spec in subset if spec.group == "routed_expert")
+        others = sum(_numel(spec.shape) for spec in subset if spec.group != "routed_expert")
         # every expert of a layer has the same shape, so k/E of the routed tensors is exactly k experts' worth
         return others + int(round(routed * fraction))
 
@@ -50,15 +51,15 @@ def count_parameters(cfg):
     total_main = sum(_numel(spec.shape) for spec in main)
     total_mtp = sum(_numel(spec.shape) for spec in mtp)
     activated_main = activated(main)
-    embedding = _numel((cfg.vocab_size, cfg.hidden_size))
+    embedding = _numel((model_config.vocab_size, model_config.hidden_size))
     return OrderedDict([
         ("total_main", total_main),
         ("trainable_main", sum(_numel(spec.shape) for spec in main if spec.trainable)),
         ("mtp", total_mtp),
         ("total_with_mtp", total_main + total_mtp),
-        ("release_total", sum(_numel(shape) for shape in release_parameter_shapes(cfg).values())),
+        ("release_total", sum(_numel(shape) for shape in release_parameter_shapes(model_config).values())),
         ("activated_main", activated_main),
-        ("activated_main_excluding_embedding", activated_main - embedding + cfg.hidden_size),
+        ("activated_main_excluding_embedding", activated_main - embedding + model_config.hidden_size),
         ("activated_mtp", activated(mtp)),
         ("by_group", by_group),
     ])
@@ -83,12 +84,12 @@ def main(argv=None):
     parser.add_argument("--config", help="run YAML (model.model_config is read); default: the 671B release")
     args = parser.parse_args(argv)
     if args.config:
-        model_config = dict(load_config(args.config).to_dict()["model"]["model_config"])
-        model_config.pop("type", None)
-        cfg = DeepseekV3Config(**model_config)
+        values = dict(load_config(args.config).to_dict()["model"]["model_config"])
+        values.pop("type", None)
+        model_config = DeepseekV3Config(**values)
     else:
-        cfg = DeepseekV3Config()
-    print(format_counts(count_parameters(cfg)))
+        model_config = DeepseekV3Config()
+    print(format_counts(count_parameters(model_config)))
 
 
 if __name__ == "__main__":

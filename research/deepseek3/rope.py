@@ -27,12 +27,12 @@ def yarn_mscale(scale, mscale=1.0):
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def inverse_frequencies(cfg):
-    """-> (inv_freq float64 [R/2], cos/sin multiplier) for cfg.rope_theta / cfg.rope_scaling."""
-    dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
+def inverse_frequencies(model_config):
+    """-> (inv_freq float64 [R/2], cos/sin multiplier) for model_config.rope_theta / model_config.rope_scaling."""
+    dim, base = model_config.qk_rope_head_dim, float(model_config.rope_theta)
     exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
     inv_freq = 1.0 / base ** exponents
-    scaling = cfg.rope_scaling
+    scaling = model_config.rope_scaling
     if scaling is None:
         return inv_freq, 1.0
     factor = float(scaling["factor"])
@@ -52,18 +52,18 @@ def inverse_frequencies(cfg):
     return inv_freq, multiplier
 
 
-def softmax_scale(cfg):
+def softmax_scale(model_config):
     """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2 under YaRN."""
-    scale = cfg.qk_head_dim ** -0.5
-    scaling = cfg.rope_scaling
+    scale = model_config.qk_head_dim ** -0.5
+    scaling = model_config.rope_scaling
     if scaling is not None and scaling["mscale_all_dim"]:
         scale *= yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2
     return scale
 
 
-def rope_tables(cfg, length):
+def rope_tables(model_config, length):
     """cos, sin float32 [length, R/2] (multiplier included)."""
-    inv_freq, multiplier = inverse_frequencies(cfg)
+    inv_freq, multiplier = inverse_frequencies(model_config)
     angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
     return (np.cos(angles) * multiplier).astype(np.float32), (np.sin(angles) * multiplier).astype(np.float32)
 
@@ -71,9 +71,9 @@ def rope_tables(cfg, length):
 class RotaryEmbedding(nn.Cell):
     """Holds the tables for `length` positions; `construct(seq)` -> (cos, sin) [seq, R/2] in float32."""
 
-    def __init__(self, cfg, length):
+    def __init__(self, model_config, length):
         super().__init__()
-        cos, sin = rope_tables(cfg, length)
+        cos, sin = rope_tables(model_config, length)
         self.length = length
         self.cos = Tensor(cos)
         self.sin = Tensor(sin)

@@ -46,7 +46,7 @@ def _rms_norm_symbols(kind, activation):
 
 
 # Tensor layouts assumed: attention tensors [B, N(heads), S, D]; hidden states [B, S, H];
-# token-major matrices [T = B*S, features]; routed-expert tensors [E, T_e (tokens per expert), features].
+# token-major matrices [T = B*S, features]; routed-expert blocks [blocks, b (rows per block), features].
 OP_SYMBOLS = {
     # --- multi-head latent attention core -----------------------------------------------------------------
     "attention.rope_mul": (("dp", "mp", None, None), (None, None, None, None)),     # q_pe * cos/sin
@@ -65,17 +65,31 @@ OP_SYMBOLS = {
     "mlp.silu": (("dp", "mp"),),                                                     # sigmoid(g), g [T, I]
     "mlp.silu_mul": (("dp", "mp"), ("dp", "mp")),                                    # g * sigmoid(g)
     "mlp.swiglu_mul": (("dp", "mp"), ("dp", "mp")),
-    # --- MoE ----------------------------------------------------------------------------------------------
+    # --- MoE (research/deepseek3/moe.py) ------------------------------------------------------------------
+    # Router on tokens [T, E]; its matmul x [T, H] @ gate.weight^T is the projection kind `moe.router`.
     "moe.router_sigmoid": (("dp", None),),
-    "moe.router_bias_add": (("dp", None), (None,)),
-    "moe.topk": (("dp", None),),
-    "moe.expert_gate_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),            # BMM x [E,T,H] @ W^T
-    "moe.expert_up_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),
-    "moe.expert_silu": (("ep", "dp_ep", "emp"),),
-    "moe.expert_swiglu_mul": (("ep", "dp_ep", "emp"), ("ep", "dp_ep", "emp")),
-    "moe.expert_down_proj": (("ep", "dp_ep", "emp"), ("ep", None, "emp")),           # W [E,H,I] split on I
+    "moe.router_bias_add": (("dp", None), (None,)),                                  # scores + bias [E]
+    "moe.group_top2": (("dp", None, None),),                                         # per group [T, G, E/G]
+    "moe.group_topk": (("dp", None),),                                               # group scores [T, G]
+    "moe.topk": (("dp", None),),                                                     # biased scores [T, E]
+    # Routed experts, block_sparse dispatch: the rows of every expert are padded to blocks of b rows that each
+    # belong to one expert, and each projection is ONE batch matmul over the blocks with the block's expert
+    # weights gathered: x [blocks, b, H] x W [blocks, I, H]^T (down: h [blocks, b, I] x W [blocks, H, I]^T).
+    # The split: the rows inside each block over dp, the expert FFN width I over emp (as WEIGHT_KINDS splits
+    # the expert weights); blocks stay whole. Splitting the blocks over ep would not be expert parallelism:
+    # every block gathers its expert's weights from the stack of all experts, so each device would still need
+    # every expert (expert parallelism, an AlltoAll token exchange to E/ep experts per device, is not
+    # implemented). dp must divide the block size (a power of two in [8, 128] by default). The grouped_matmul
+    # dispatch declares no routed-expert kind (its kernel is left to sharding propagation).
+    "moe.expert_gate_proj": ((None, "dp", None), (None, "emp", None)),
+    "moe.expert_up_proj": ((None, "dp", None), (None, "emp", None)),
+    "moe.expert_silu": ((None, "dp", "emp"),),                                       # SiLU(gate) [blocks, b, I]
+    "moe.expert_swiglu_mul": ((None, "dp", "emp"), (None, "dp", "emp")),
+    "moe.expert_down_proj": ((None, "dp", "emp"), (None, None, "emp")),              # contracts the split I
     "moe.combine_mul": (("dp", None, None), ("dp", None, None)),                     # y [T,K,H] * w [T,K,1]
-    "moe.shared_silu": (("dp", "mp"),),
+    # Shared experts: the SwiGLU of layers.py on tokens [T, I] (projections: kinds moe.shared_*_proj).
+    "moe.shared_silu": (("dp", "mp"),),                                              # sigmoid(g)
+    "moe.shared_silu_mul": (("dp", "mp"), ("dp", "mp")),                             # g * sigmoid(g)
     "moe.shared_swiglu_mul": (("dp", "mp"), ("dp", "mp")),
     # --- embedding, MTP, head, loss -----------------------------------------------------------------------
     "embedding.gather": (("vocab", None), ("dp", None)),                             # table [V,H], ids [B,S]

@@ -26,11 +26,11 @@ class StandInConfig:
 
 @register("model")
 class StandInMoE(nn.Cell):
-    def __init__(self, cfg):
+    def __init__(self, model_config):
         super().__init__()
-        rng = np.random.RandomState(cfg.seed)
-        vocab, hidden, experts = cfg.vocab_size, cfg.hidden_size, cfg.n_routed_experts
-        self.cfg = cfg
+        rng = np.random.RandomState(model_config.seed)
+        vocab, hidden, experts = model_config.vocab_size, model_config.hidden_size, model_config.n_routed_experts
+        self.model_config = model_config
         self.embed = Parameter(Tensor(rng.normal(0, 0.1, (vocab, hidden)).astype(np.float32)),
                                name="model.embed_tokens.weight")
         self.gate = Parameter(Tensor(rng.normal(0, 0.5, (experts, hidden)).astype(np.float32)),
@@ -42,7 +42,7 @@ class StandInMoE(nn.Cell):
         self.head = Parameter(Tensor(rng.normal(0, 0.1, (vocab, hidden)).astype(np.float32)), name="lm_head.weight")
         self.ce = nn.CrossEntropyLoss(reduction="none")
         self.experts = experts
-        self.half = cfg.compute_dtype == "float16"
+        self.half = model_config.compute_dtype == "float16"
 
     def _compute(self, tensor):
         """float32 master weights/activations -> the compute dtype (a no-op graph in float32)."""
@@ -78,7 +78,7 @@ class StandInMoE(nn.Cell):
         mtp_loss = self._loss(self._logits(ops.tanh(hidden)), labels, loss_mask)
         balance = ops.zeros((), ms.float32)
         load = ops.reduce_sum(one_hot.reshape(-1, self.experts), 0).reshape(1, -1)
-        return lm_loss + self.cfg.mtp_loss_factor * mtp_loss, lm_loss, mtp_loss, balance, load
+        return lm_loss + self.model_config.mtp_loss_factor * mtp_loss, lm_loss, mtp_loss, balance, load
 
     def moe_layer_biases(self):
         return [self.bias]
@@ -86,5 +86,5 @@ class StandInMoE(nn.Cell):
     def update_expert_bias(self, load):
         load = np.asarray(load, np.float32).reshape(1, -1)
         bias = self.bias.asnumpy()
-        new = bias + self.cfg.topk_bias_update_rate * np.sign(load.mean(axis=1, keepdims=True) - load)[0]
+        new = bias + self.model_config.topk_bias_update_rate * np.sign(load.mean(axis=1, keepdims=True) - load)[0]
         self.bias.set_data(Tensor(new.astype(np.float32)))

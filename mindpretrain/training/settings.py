@@ -1,0 +1,128 @@
+"""The trainer's settings, read from the run YAML and validated once, before anything is built.
+
+`RunSettings.from_config(run_config)` is the only place that reads the YAML sections the loop uses
+(MindFormers' `runner_config`, `runner_wrapper`, `callbacks`, `train_dataset`, `tensorboard`), so a bad
+value fails at start-up with the key, the value and the rule, not mid-run.
+"""
+import dataclasses
+from typing import Any
+
+from mindpretrain.validation import require
+
+DEFAULT_LR_SCHEDULE = {"type": "ConstantWarmUpLR", "learning_rate": 1e-4}
+
+
+@dataclasses.dataclass
+class DataParallelInfo:
+    """This process's data-parallel rank and group size (plus its global rank, for file names)."""
+
+    rank: int = 0
+    size: int = 1
+    global_rank: int = None
+
+    @property
+    def process_rank(self):
+        return self.rank if self.global_rank is None else self.global_rank
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """Everything the trainer reads from the run YAML, read and validated once (`from_config`), not mid-run.
+
+    The YAML sections handed on to their builders (optimizer, lr_schedule, runner_wrapper, data loader) are
+    kept as written; `run_config` is the whole resolved YAML, saved with every checkpoint."""
+
+    micro_batch_size: int = 1
+    accumulation_steps: int = 1
+    train_steps: int = None
+    epochs: int = 1
+    log_interval: int = 1
+    save_steps: int = None
+    keep_last: int = 3
+    max_nan_steps: int = 5
+    on_data_exhausted: str = "stop"
+    max_grad_norm: float = 1.0
+    device_peak_tflops: float = None
+    device: str = None                 # runner_config.device: the cost model's peak FLOPs when no tflops given
+    tensorboard_dir: str = None
+    seq_length: int = None
+    param_checksum: bool = False
+    output_dir: str = "./output"
+    optimizer: Any = None              # YAML `optimizer` section (None: AdamW defaults)
+    lr_schedule: Any = dataclasses.field(default_factory=lambda: dict(DEFAULT_LR_SCHEDULE))
+    runner_wrapper: Any = None         # YAML `runner_wrapper` (loss scaling)
+    data_loader: Any = None            # YAML `train_dataset.data_loader`
+    num_parallel_workers: int = 1
+    run_config: Any = None
+
+    @classmethod
+    def from_config(cls, run_config, output_dir=None):
+        """The settings of a whole run YAML (`output_dir` overrides the YAML's)."""
+        runner = dict(run_config.get("runner_config") or {})
+        wrapper = dict(run_config.get("runner_wrapper") or {})
+        settings = cls(
+            micro_batch_size=runner.get("batch_size", 1),
+            accumulation_steps=runner.get("gradient_accumulation_steps", 1) or 1,
+            train_steps=runner.get("train_steps"),
+            epochs=runner.get("epochs", 1) or 1,
+            max_nan_steps=runner.get("max_consecutive_nan_steps", 5),
+            on_data_exhausted=runner.get("data_exhausted", "stop"),
+            device_peak_tflops=runner.get("device_peak_tflops"),
+            device=runner.get("device"),
+            max_grad_norm=(wrapper.get("max_grad_norm", 1.0) if wrapper.get("use_clip_grad", True) else None),
+            param_checksum=bool(runner.get("log_param_checksum", False)),
+            output_dir=output_dir or run_config.get("output_dir") or "./output",
+            optimizer=run_config.get("optimizer"),
+            lr_schedule=run_config.get("lr_schedule") or dict(DEFAULT_LR_SCHEDULE),
+            runner_wrapper=run_config.get("runner_wrapper"),
+            data_loader=run_config.get_path("train_dataset.data_loader"),
+            num_parallel_workers=run_config.get_path("train_dataset.num_parallel_workers", 1) or 1,
+            run_config=run_config,
+        )
+        settings._read_callbacks(run_config.get("callbacks") or [])
+        settings.tensorboard_dir = (run_config.get("tensorboard") or {}).get("tensorboard_dir")
+        settings.seq_length = (run_config.get_path("train_dataset.data_loader.config") or {}).get("seq_length")
+        settings.validate()
+        return settings
+
+    def _read_callbacks(self, callbacks):
+        for callback in callbacks:
+            kind = callback.get("type")
+            if kind == "MFLossMonitor":
+                self.log_interval = callback.get("per_print_times", 1) or 1
+            elif kind == "CheckpointMonitor":
+                self.save_steps = callback.get("save_checkpoint_steps")
+                self.keep_last = callback.get("keep_checkpoint_max", self.keep_last)
+                checkpoint_format = callback.get("checkpoint_format", "safetensors")
+                require(checkpoint_format == "safetensors", "CheckpointMonitor.checkpoint_format",
+                        checkpoint_format, "must be safetensors (mindpretrain writes no pickle-based .ckpt files)")
+
+    def validate(self):
+        positive = {"runner_config.batch_size": self.micro_batch_size,
+                    "runner_config.gradient_accumulation_steps": self.accumulation_steps,
+                    "runner_config.epochs": self.epochs,
+                    "MFLossMonitor.per_print_times": self.log_interval,
+                    "runner_config.max_consecutive_nan_steps": self.max_nan_steps}
+        for key, value in positive.items():
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value,
+                    "must be a positive integer")
+        for key, value in {"runner_config.train_steps": self.train_steps,
+                           "CheckpointMonitor.save_checkpoint_steps": self.save_steps,
+                           "CheckpointMonitor.keep_checkpoint_max": self.keep_last}.items():
+            require(value is None or (isinstance(value, int) and value >= 1), key, value,
+                    "must be a positive integer or null")
+        require(self.on_data_exhausted in ("stop", "next_epoch"), "runner_config.data_exhausted",
+                self.on_data_exhausted, "must be 'stop' or 'next_epoch'")
+        require(self.seq_length is not None, "train_dataset.data_loader.config.seq_length", self.seq_length,
+                "must be set")
+
+    def check_model(self, model_config):
+        """Refuse samples longer than the model's position tables."""
+        model_seq_length = getattr(model_config, "seq_length", None)
+        require(not model_seq_length or self.seq_length <= model_seq_length,
+                "train_dataset.data_loader.config.seq_length", self.seq_length,
+                f"must not exceed model.model_config.seq_length ({model_seq_length}), the model's position tables")
+
+    def samples_per_step(self, dp_size):
+        """Global samples one optimizer step consumes: batch_size x dp x accumulation."""
+        return self.micro_batch_size * dp_size * self.accumulation_steps

@@ -1,0 +1,63 @@
+"""DeepSeek-V3 as the core sees it: the plugin's one `ModelSpec`, registered when the plugin is imported.
+
+Conversion, planning, the parallel layouts and the trainer reach this model only through `DEEPSEEK_V3_SPEC`
+(found with `mindpretrain.model_spec.spec_for_config` / `spec_for_model_type`), never by importing this
+package. Importing this module does not import MindSpore: HF weight loading, which needs it, is imported on
+first call.
+"""
+from mindpretrain.model_spec import ModelSpec, PlanningHooks, ShardTable, register_spec
+from research.deepseek3 import planning, sharding
+from research.deepseek3.deepseek3_config import DeepseekV3Config
+from research.deepseek3.parameter_count import count_parameters
+from research.deepseek3.weight_mapping import parameter_specs, release_duplicates
+
+_DESCRIBED_FIELDS = ("hidden_size", "num_hidden_layers", "n_routed_experts", "vocab_size", "num_nextn_predict_layers")
+_NOT_CONFIG_KEYS = ("type", "auto_register")     # registry keys of a YAML `model.model_config` section
+
+
+def config_from_dict(values):
+    """A `DeepseekV3Config` from YAML `model.model_config` values (HF names or MindFormers aliases)."""
+    return DeepseekV3Config(**{key: value for key, value in values.items() if key not in _NOT_CONFIG_KEYS})
+
+
+def hf_config_dict(model_config, torch_dtype):
+    return model_config.to_hf_dict(torch_dtype=torch_dtype)
+
+
+def describe(model_config):
+    """The sizes that tell two DeepSeek-V3 configs apart, for error messages."""
+    return ", ".join(f"{name}={getattr(model_config, name)}" for name in _DESCRIBED_FIELDS)
+
+
+def load_hf_weights(model, path, allow_missing_mtp=False):
+    """`research.deepseek3.hf_weights.load_hf_weights`, imported on first use (it imports MindSpore)."""
+    from research.deepseek3 import hf_weights
+
+    return hf_weights.load_hf_weights(model, path, allow_missing_mtp=allow_missing_mtp)
+
+
+SHARD_TABLE = ShardTable(weight_kinds=sharding.WEIGHT_KINDS, op_symbols=sharding.OP_SYMBOLS,
+                         matmul_ops=sharding.MATMUL_OPS)
+
+PLANNING = PlanningHooks(layer_activation_terms=planning.layer_activation_terms,
+                         selective_recompute_drops=planning.SELECTIVE_RECOMPUTE_DROPS,
+                         head_activation_terms=planning.head_activation_terms,
+                         backward_transient_terms=planning.backward_transient_terms,
+                         flops_per_token=planning.flops_per_token)
+
+DEEPSEEK_V3_SPEC = register_spec(ModelSpec(
+    name="deepseek_v3",
+    model_types=("deepseek_v3",),
+    config_class=DeepseekV3Config,
+    model_class="DeepseekV3ForCausalLM",
+    config_from_hf=DeepseekV3Config.from_hf,
+    config_from_dict=config_from_dict,
+    hf_config_dict=hf_config_dict,
+    parameter_specs=parameter_specs,
+    release_duplicates=release_duplicates,
+    parameter_counts=count_parameters,
+    describe=describe,
+    load_hf_weights=load_hf_weights,
+    shard_table=SHARD_TABLE,
+    planning=PLANNING,
+))
