@@ -80,7 +80,7 @@ def moe_paths(model):
 def test_every_moe_layer_plans_the_strategies_of_the_table(tiny_model):
     planned, unmatched = plan(tiny_model, **PARALLEL)
     paths = moe_paths(tiny_model)
-    assert paths == [f"model.layers.{index}.mlp" for index in tiny_model.config.moe_layer_indices]   # MTP's too
+    assert paths == [f"model.layers.{index}.mlp" for index in tiny_model.model_config.moe_layer_indices]   # MTP's too
     for path in paths:
         assert planned_inside(planned, path) == {**ROUTER_COMBINE_SHARED, **BLOCK_SPARSE_EXPERTS}, path
     # every moe.* kind of the table is declared by the block-sparse MoE: none is left to propagation

@@ -15,10 +15,8 @@ import argparse
 import os
 import sys
 
-from mindpretrain import registry
-from mindpretrain.checkpoint.conversion import DEFAULT_MAX_SHARD, ConversionError, convert_hf_to_native, spec_of_hf_dir
-from mindpretrain.checkpoint.safetensors_io import SafetensorsError
-from mindpretrain.validation import ConfigError
+from mindpretrain.checkpoint.conversion import convert_hf_to_native, spec_of_hf_dir
+from mindpretrain.checkpoint.conversion_cli import add_writer_arguments, run_conversion
 
 DEFAULT_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "research", "deepseek3")
 
@@ -31,25 +29,15 @@ def build_parser():
                                                             "or be empty)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                         help="stored dtype of the weights (default bf16; the expert-score bias stays fp32)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes writing shards in parallel (memory grows with each; default 1)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
-                        help=f"largest output shard, e.g. 5GB or 500MB (default {DEFAULT_MAX_SHARD})")
-    parser.add_argument("--register_path", default=DEFAULT_PLUGIN,
-                        help="model plugin folder (default: this project's research/deepseek3)")
-    return parser
+    return add_writer_arguments(parser, DEFAULT_PLUGIN)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        registry.import_register_path(args.register_path)
-        convert_hf_to_native(args.hf_dir, args.output_dir, dtype=args.dtype, workers=args.workers,
-                             max_shard_size=args.max_shard_size, spec=spec_of_hf_dir(args.hf_dir))
-    except (ConversionError, ConfigError, SafetensorsError, FileNotFoundError) as error:
-        print(f"convert_hf_to_native.py: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_conversion(parser.prog, args.register_path, lambda: convert_hf_to_native(
+        args.hf_dir, args.output_dir, dtype=args.dtype, workers=args.workers, max_shard_size=args.max_shard_size,
+        spec=spec_of_hf_dir(args.hf_dir)))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ import argparse
 import os
 import sys
 
-from mindpretrain import registry
-from mindpretrain.checkpoint.conversion import DEFAULT_MAX_SHARD, ConversionError, convert_native_to_hf, spec_of_native
-from mindpretrain.checkpoint.safetensors_io import SafetensorsError
-from mindpretrain.validation import ConfigError
+from mindpretrain.checkpoint.conversion import convert_native_to_hf, spec_of_native
+from mindpretrain.checkpoint.conversion_cli import add_writer_arguments, run_conversion
 
 DEFAULT_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "research", "deepseek3")
 
@@ -37,25 +35,15 @@ def build_parser():
     parser.add_argument("--fp8", action="store_true", help="fp8 e4m3 block quantisation as in the official release")
     parser.add_argument("--tokenizer-dir", default=None,
                         help="directory whose tokenizer.json / tokenizer_config.json / ... are copied")
-    parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
-                        help=f"largest output shard, e.g. 5GB (default {DEFAULT_MAX_SHARD})")
-    parser.add_argument("--register_path", default=DEFAULT_PLUGIN,
-                        help="model plugin folder (default: this project's research/deepseek3)")
-    return parser
+    return add_writer_arguments(parser, DEFAULT_PLUGIN)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        registry.import_register_path(args.register_path)
-        convert_native_to_hf(args.checkpoint, args.output_dir, dtype=args.dtype, quantise_fp8=args.fp8,
-                             tokenizer_dir=args.tokenizer_dir, workers=args.workers,
-                             max_shard_size=args.max_shard_size, spec=spec_of_native(args.checkpoint))
-    except (ConversionError, ConfigError, SafetensorsError, FileNotFoundError) as error:
-        print(f"convert_native_to_hf.py: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_conversion(parser.prog, args.register_path, lambda: convert_native_to_hf(
+        args.checkpoint, args.output_dir, dtype=args.dtype, quantise_fp8=args.fp8, tokenizer_dir=args.tokenizer_dir,
+        workers=args.workers, max_shard_size=args.max_shard_size, spec=spec_of_native(args.checkpoint)))
 
 
 if __name__ == "__main__":
