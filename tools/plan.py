@@ -232,6 +232,18 @@ def _gib(value):
 
 
 def format_plan(plan, budget, suggestion):
+    """The plan as the text `tools/plan.py` prints, one section after another."""
+    lines = []
+    for section in (_layout_lines(plan), _placement_lines(plan), _shard_lines(plan), _memory_lines(plan, budget),
+                    _flops_lines(plan), _suggestion_lines(suggestion)):
+        if section:
+            if lines:
+                lines.append("")
+            lines.extend(section)
+    return "\n".join(lines)
+
+
+def _layout_lines(plan):
     parallel_config, model_config, counts = plan.parallel_config, plan.model_config, plan.counts
     lines = []
     add = lines.append
@@ -249,7 +261,12 @@ def format_plan(plan, budget, suggestion):
     for key in ("total_main", "mtp", "total_with_mtp", "activated_main", "activated_mtp"):
         if key in counts:
             add(f"  {key:<22} {counts[key]:>20,}  ({counts[key] / 1e9:.2f}B)")
-    add("")
+    return lines
+
+
+def _placement_lines(plan):
+    lines = []
+    add = lines.append
     add("pipeline placement (decoder layers, then MTP blocks numbered after them)")
     for stage in plan.placement.stages:
         ids = stage.layer_ids
@@ -262,14 +279,24 @@ def format_plan(plan, budget, suggestion):
     if not plan.placement.explicit_offset and not plan.placement.balanced:
         add(f"  note: unbalanced stages {list(plan.placement.layers_per_stage)}; "
             f"offset {plan.placement.suggested_offset()} spreads the remainder")
-    add("")
+    return lines
+
+
+def _shard_lines(plan):
+    lines = []
+    add = lines.append
     add("shard shapes per weight kind (per device)")
     add(f"  {'kind':<26} {'full shape':<18} {'split':<10} {'shard':<18} {'ep':>3} {'copies':>6}")
     for layout in kind_summary(plan.layouts):
         add(f"  {layout.kind:<26} {str(layout.shape):<18} {str(layout.split):<10} {str(layout.shard_shape):<18} "
             f"{layout.expert_parallel:>3} {layout.replicas:>6}")
-    add("")
-    add("memory per device, GiB (optimizer factor %.1fx weights)" % optimizer_factor(model_config))
+    return lines
+
+
+def _memory_lines(plan, budget):
+    lines = []
+    add = lines.append
+    add("memory per device, GiB (optimizer factor %.1fx weights)" % optimizer_factor(plan.model_config))
     add(f"  {'stage':>5} {'layers':>6} {'weights':>8} {'grads':>8} {'optim':>8} {'gather':>8} {'activ':>8} "
         f"{'total':>8} {'no-recomp':>9}")
     for stage in plan.stages:
@@ -283,23 +310,30 @@ def format_plan(plan, budget, suggestion):
     add("communication per device per step, GiB")
     for key, value in plan.communication.items():
         add(f"  {key:<20} {value / GIB:10.2f}")
-    add("")
+    return lines
+
+
+def _flops_lines(plan):
+    lines = []
+    add = lines.append
     add(f"FLOPs per token (6 x activated + attention): {plan.flops_per_token:.4e}")
     if plan.peak_flops:
         add(f"device peak (configured assumption, {plan.device}): {plan.peak_flops / 1e12:.0f} TFLOPS; "
             f"tokens/s/device at 100% MFU: {plan.peak_flops / plan.flops_per_token:,.0f}")
-    if suggestion is not None:
-        add("")
-        if suggestion["fits_with"]:
-            add(f"suggestion: {suggestion['fits_with']}")
+    return lines
+
+
+def _suggestion_lines(suggestion):
+    if suggestion is None:
+        return []
+    lines = [f"suggestion: {suggestion['fits_with']}" if suggestion["fits_with"] else
+             "suggestion: no single or combined change tried fits; more devices are needed"]
+    for item in suggestion["tried"]:
+        if "error" in item:
+            lines.append(f"  tried {item['change']}: invalid ({item['error']})")
         else:
-            add("suggestion: no single or combined change tried fits; more devices are needed")
-        for item in suggestion["tried"]:
-            if "error" in item:
-                add(f"  tried {item['change']}: invalid ({item['error']})")
-            else:
-                add(f"  tried {item['change']}: worst stage {item['worst_stage_bytes'] / GIB:.2f} GiB")
-    return "\n".join(lines)
+            lines.append(f"  tried {item['change']}: worst stage {item['worst_stage_bytes'] / GIB:.2f} GiB")
+    return lines
 
 
 def main(argv=None):

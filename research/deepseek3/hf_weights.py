@@ -44,65 +44,73 @@ def plan_load(model_config, located, files, allow_missing_mtp=False, ignore_pref
     notes) or raise CheckpointMismatchError listing every problem."""
     expected = hf_parameter_shapes(model_config)
     duplicates = release_duplicates(model_config)
-    missing, extra, misshaped, bad_dtype = [], [], [], []
-    sources, copies, notes = {}, {}, []
-
+    problems = {"missing": [], "unexpected": [], "misshaped": [], "unreadable": []}
+    sources, copies = {}, {}
     for name, path in located.items():
         if name.endswith(fp8.SCALE_SUFFIX) and name[:-len(fp8.SCALE_SUFFIX)] in located:
             continue                                           # read together with its weight
         if name.startswith(tuple(ignore_prefixes)):
             continue
         if name in duplicates:
-            shape = tuple(files(path).info(name)[1])
-            want = expected[duplicates[name]]
+            shape, want = tuple(files(path).info(name)[1]), expected[duplicates[name]]
             if shape != want:
-                misshaped.append(f"{name}: {list(shape)}, expected {list(want)}")
+                problems["misshaped"].append(f"{name}: {list(shape)}, expected {list(want)}")
             else:
                 copies[name] = (path, duplicates[name])
-            continue
-        if name not in expected:
-            extra.append(name)
-            continue
-        dtype_name, shape = files(path).info(name)
-        shape = tuple(shape)
-        if shape != expected[name]:
-            misshaped.append(f"{name}: {list(shape)}, expected {list(expected[name])}")
-            continue
-        scale_name = name + fp8.SCALE_SUFFIX
-        if dtype_name == "F8_E4M3":
-            if scale_name not in located:
-                bad_dtype.append(f"{name}: F8_E4M3 without {scale_name}")
-                continue
-            problem = fp8.check_scale_shape(name, shape, files(located[scale_name]).info(scale_name)[1])
-            if problem:
-                misshaped.append(problem)
-                continue
-            sources[name] = (path, located[scale_name])
-        elif dtype_name in FLOAT_DTYPES:
-            sources[name] = (path, None)
+        elif name not in expected:
+            problems["unexpected"].append(name)
         else:
-            bad_dtype.append(f"{name}: stored as {dtype_name} (need F32, BF16, F16 or F8_E4M3 + scale)")
+            source = _weight_source(name, path, expected[name], located, files, problems)
+            if source is not None:
+                sources[name] = source
+    absent, notes = _absent(model_config, expected, located, allow_missing_mtp)
+    problems["missing"].extend(absent)
+    _raise_if_problems(model_config, problems)
+    return sources, copies, notes
 
+
+def _weight_source(name, path, expected_shape, located, files, problems):
+    """(path, scale path or None) of one expected weight, or None with the problem recorded."""
+    dtype_name, shape = files(path).info(name)
+    shape = tuple(shape)
+    if shape != expected_shape:
+        problems["misshaped"].append(f"{name}: {list(shape)}, expected {list(expected_shape)}")
+        return None
+    if dtype_name in FLOAT_DTYPES:
+        return path, None
+    if dtype_name != "F8_E4M3":
+        problems["unreadable"].append(f"{name}: stored as {dtype_name} (need F32, BF16, F16 or F8_E4M3 + scale)")
+        return None
+    scale_name = name + fp8.SCALE_SUFFIX
+    if scale_name not in located:
+        problems["unreadable"].append(f"{name}: F8_E4M3 without {scale_name}")
+        return None
+    problem = fp8.check_scale_shape(name, shape, files(located[scale_name]).info(scale_name)[1])
+    if problem:
+        problems["misshaped"].append(problem)
+        return None
+    return path, located[scale_name]
+
+
+def _absent(model_config, expected, located, allow_missing_mtp):
+    """(expected names the checkpoint lacks, notes): a checkpoint without any MTP layer may be allowed."""
     absent = [name for name in expected if name not in located]
-    mtp_names = [name for name in expected if (_layer_index(name) or -1) >= model_config.num_hidden_layers]
-    if allow_missing_mtp and mtp_names and set(mtp_names) <= set(absent):
-        notes.append(f"checkpoint has no MTP layers: the {model_config.num_nextn_predict_layers} MTP module(s) "
-                     "keep their initial values (main-model logits are unaffected)")
-        absent = [name for name in absent if name not in set(mtp_names)]
-    missing.extend(absent)
+    mtp_names = {name for name in expected if (_layer_index(name) or -1) >= model_config.num_hidden_layers}
+    if allow_missing_mtp and mtp_names and mtp_names <= set(absent):
+        note = (f"checkpoint has no MTP layers: the {model_config.num_nextn_predict_layers} MTP module(s) "
+                "keep their initial values (main-model logits are unaffected)")
+        return [name for name in absent if name not in mtp_names], [note]
+    return absent, []
 
-    if missing or extra or misshaped or bad_dtype:
-        lines = []
-        for title, items in (("missing", missing), ("unexpected", extra), ("misshaped", misshaped),
-                             ("unreadable", bad_dtype)):
-            if items:
-                lines.append(f"{len(items)} {title}:\n    " + "\n    ".join(items))
+
+def _raise_if_problems(model_config, problems):
+    lines = [f"{len(items)} {title}:\n    " + "\n    ".join(items) for title, items in problems.items() if items]
+    if lines:
         raise CheckpointMismatchError(
             f"checkpoint does not fit the model (hidden_size={model_config.hidden_size}, "
             f"num_hidden_layers={model_config.num_hidden_layers}, n_routed_experts={model_config.n_routed_experts}, "
             f"num_nextn_predict_layers={model_config.num_nextn_predict_layers}); nothing was loaded.\n"
             + "\n".join(lines))
-    return sources, copies, notes
 
 
 def _read(files, name, path, scale_path):
