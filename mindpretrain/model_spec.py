@@ -81,8 +81,9 @@ class PlanningHooks:
     head_activation_terms(model_config, parallel_config, fused_kernels):
         [ActivationTerm] per token the last stage keeps for its final norm and output head(s).
     backward_transient_terms(model_config, parallel_config, has_head, micro_batch_size, seq_length, fused_kernels):
-        [ActivationTerm] in elements per micro-batch: temporaries alive during a stage's backward on top of
-        what is kept (`has_head`: the stage holds the output head).
+        [ActivationTerm] in elements per micro-batch, one per phase of a stage's backward (the head's, one
+        attention core's): temporaries alive during that phase on top of what is kept. The phases do not
+        overlap, so the planner counts the largest (`has_head`: the stage holds the output head).
     flops_per_token(model_config, seq_length=None): training FLOPs (forward + backward) per token (MFU).
     """
 

@@ -3,19 +3,21 @@
 One uninterrupted 12-step run checks that both ranks hold bit-identical parameters and optimizer
 state after every step, and that the rank-averaged gradients reproduce a single process training
 on the same global batch. A second launch resumes from the step-6 checkpoint and must reproduce
-steps 7-12 to the bit, on both ranks.
+steps 7-12 to the bit, on both ranks. The launches go through tests/msrun_helpers.py, which picks the
+scheduler port and kills every process of a launch when the test ends, passed or failed; the last two
+tests check exactly that with scripts that only join the cluster or sleep.
 """
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from conftest import PROJECT_ROOT, random_documents, write_dataset
+import msrun_helpers
+from msrun_helpers import MsrunJob
 
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
@@ -23,13 +25,7 @@ if str(PROJECT_ROOT) not in sys.path:
 pytest.importorskip("mindspore")
 
 STANDIN = PROJECT_ROOT / "tests" / "standin_model"
-LAUNCHER = PROJECT_ROOT / "scripts" / "msrun_launcher.sh"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+LAUNCH_TIMEOUT = 900   # seconds for one launch: a hang guard for a loaded machine, not a performance bound
 
 
 def run_args(data_prefix, output_dir, *extra):
@@ -41,14 +37,10 @@ def run_args(data_prefix, output_dir, *extra):
 def launch_two_workers(data_prefix, output_dir, *extra):
     command = " ".join(["run_mindformer.py", *run_args(data_prefix, output_dir, "--+runner_config.log_param_checksum=True",
                                                        *extra)])
-    log_dir = output_dir / "msrun_log"
-    result = subprocess.run(["bash", str(LAUNCHER), command, "2", "2", "127.0.0.1", str(free_port()), "0",
-                             str(log_dir), "True", "120"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=300)
-    logs = "".join((log_dir / f"worker_{rank}.log").read_text() for rank in (0, 1)
-                   if (log_dir / f"worker_{rank}.log").exists())
-    assert result.returncode == 0, f"msrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs[-4000:]}"
-    return logs
+    with MsrunJob(command, 2, output_dir / "msrun_log") as job:
+        code = job.wait(LAUNCH_TIMEOUT)
+        assert code == 0, f"msrun failed:\n{job.report()}"
+        return job.logs()
 
 
 def read_metrics(output_dir, rank):
@@ -127,51 +119,59 @@ def test_float16_loss_scale_decisions_agree_across_ranks(data_prefix, tmp_path):
     assert "gradient overflow at loss scale" in logs
 
 
-def _worker_pid(marker, rank):
-    """pid of the msrun worker of `rank` whose command line contains `marker` (Linux /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                command = handle.read().replace(b"\0", b" ").decode()
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                environment = dict(item.split("=", 1) for item in handle.read().decode(errors="replace").split("\0")
-                                   if "=" in item)
-        except OSError:
-            continue
-        if (marker in command and "run_mindformer.py" in command and environment.get("MS_ROLE") == "MS_WORKER"
-                and environment.get("RANK_ID") == str(rank)):
-            return int(entry)
-    return None
-
-
 def test_sigterm_to_one_worker_stops_both_after_the_same_step(data_prefix, tmp_path):
     """Only rank 1 is signalled; the stop flag travels with the step's all-reduce, so both ranks stop after
     the same step, rank 0 saves it, and msrun reports success."""
     import signal
-    import time
 
     output = tmp_path / "sigterm"
     command = " ".join(["run_mindformer.py", *run_args(data_prefix, output, "--runner_config.train_steps=100000")])
-    process = subprocess.Popen(["bash", str(LAUNCHER), command, "2", "2", "127.0.0.1", str(free_port()), "0",
-                                str(output / "msrun_log"), "True", "120"], cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        metrics = output / "metrics" / "rank_1.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            time.sleep(0.5)
-        pid = _worker_pid(str(output), 1)
+    metrics = output / "metrics" / "rank_1.jsonl"
+    with MsrunJob(command, 2, output / "msrun_log") as job:
+        job.wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, LAUNCH_TIMEOUT,
+                       "three steps logged by rank 1")
+        pid = job.worker_pid(1)
         assert pid is not None, "rank 1 worker not found"
         os.kill(pid, signal.SIGTERM)
-        assert process.wait(timeout=120) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
+        assert job.wait(LAUNCH_TIMEOUT) == 0, job.report()
     last = [read_metrics(output, rank)[-1]["step"] for rank in (0, 1)]
     assert last[0] == last[1] < 100000
     from mindpretrain.training import checkpoint as ckpt
 
     newest = ckpt.find_resumable(str(output / "checkpoint"))
     assert newest.endswith(ckpt.step_dir_name(last[0]))
+
+
+# --- the launch helper itself ------------------------------------------------------------------------------
+
+def test_leaving_the_launch_kills_every_worker_even_on_failure(tmp_path):
+    """Workers run in sessions of their own (msrun uses setsid): they must still be gone after a failed test."""
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\ntime.sleep(3600)\n")
+    with pytest.raises(RuntimeError, match="the test failed here"):
+        with MsrunJob(str(sleeper), 2, tmp_path / "msrun_log") as job:
+            job.wait_until(lambda: all(job.worker_pid(rank) for rank in (0, 1)), LAUNCH_TIMEOUT, "both workers")
+            workers = [job.worker_pid(rank) for rank in (0, 1)]
+            assert all(os.getsid(pid) == pid for pid in workers)   # not in the launcher's session
+            raise RuntimeError("the test failed here")
+    assert msrun_helpers.marked_pids(job.mark) == []
+
+
+def test_a_taken_scheduler_port_is_replaced(tmp_path, monkeypatch):
+    """The scheduler finds its port taken (as when another process binds it after the probe): the launch is
+    started again on another port and succeeds."""
+    import socket
+
+    joiner = tmp_path / "joiner.py"
+    joiner.write_text("import mindspore\nmindspore.set_device('CPU')\nfrom mindspore.communication import init\n"
+                      "init()\n")
+    with socket.socket() as taken:
+        taken.bind((msrun_helpers.HOST, 0))
+        taken.listen()
+        ports = [taken.getsockname()[1]]
+        real_choice = msrun_helpers.free_master_port
+        monkeypatch.setattr(msrun_helpers, "free_master_port",
+                            lambda workers: ports.pop() if ports else real_choice(workers))
+        with MsrunJob(str(joiner), 2, tmp_path / "msrun_log") as job:
+            assert job.wait(LAUNCH_TIMEOUT) == 0, job.report()
+            assert job.port != taken.getsockname()[1]

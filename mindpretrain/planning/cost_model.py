@@ -181,8 +181,9 @@ def stage_memory(model_config, parallel_config, hooks, layouts, placement, setup
         if stage.has_head:
             extra += terms_bytes(model_config,
                                  hooks.head_activation_terms(model_config, parallel_config, setup.fused_kernels))
-        transient = terms_bytes(model_config, hooks.backward_transient_terms(
-            model_config, parallel_config, stage.has_head, setup.micro_batch_size, seq, setup.fused_kernels))
+        transient = max((terms_bytes(model_config, [term]) for term in hooks.backward_transient_terms(
+            model_config, parallel_config, stage.has_head, setup.micro_batch_size, seq, setup.fused_kernels)),
+            default=0.0)   # the phases of the backward run one after another: the largest counts
         result.append(StageMemory(
             stage=stage.stage, layers=stage.num_layers, weights=sums["weights"], gradients=sums["gradients"],
             optimizer=sums["optimizer"], gathered_weights=max(sums["gathered"].values(), default=0.0),

@@ -7,17 +7,18 @@ and conventions are in docs/planner.md.
 
 The reference-kernel constants below describe this repository's ops as written (MindSpore 2.10, PyNative
 CPU): how many score-sized [B, heads, S, S] and logits-sized [B*S, vocab] fp32 tensors exist besides the
-per-token terms. HEAD_RETAINED_PER_HEAD follows from the ops; the other three were fitted (least squares,
-then rounded) on one- and two-layer probes and are checked, not fitted, by tests/test_plan_memory.py. Re-fit
+per-token terms, counted as MindSpore's memory pool counts them. HEAD_RETAINED_PER_HEAD follows from the ops;
+the other three were fitted (least squares, then rounded) to the pool's peak on four one- and two-layer
+probes and are checked, not fitted, by tests/test_plan_memory.py. Re-fit
 them with `python tests/test_plan_memory.py --calibrate` when the model's ops change. The functions read the
 constants at call time, so the calibration can set them on this module.
 """
 import math
 
-SCORE_RETAINED_PER_LAYER = 0.49     # score-sized tensors kept per layer (the CPU core recomputes P in backward)
-ATTENTION_BACKWARD_TRANSIENT = 6.21  # score-sized temporaries alive while one attention core runs backward
+SCORE_RETAINED_PER_LAYER = 0.19     # score-sized tensors kept per layer (the CPU core recomputes P in backward)
+ATTENTION_BACKWARD_TRANSIENT = 2.06  # score-sized temporaries alive while one attention core runs backward
 HEAD_RETAINED_PER_HEAD = 1          # the log-softmax output, kept for its backward
-HEAD_BACKWARD_TRANSIENT = 1.62      # logits-sized temporaries of the cross-entropy + head backward
+HEAD_BACKWARD_TRANSIENT = 2.07      # logits-sized temporaries of the cross-entropy + head backward
 # "fused" kernels (Ascend: flash attention, fused cross-entropy, grouped-matmul experts) keep no score
 # tensor (flash attention stores per-row statistics and recomputes scores) and the fp32 logits and their
 # softmax per head.
@@ -137,9 +138,10 @@ def head_activation_terms(model_config, parallel_config, fused_kernels):
 
 
 def backward_transient_terms(model_config, parallel_config, has_head, micro_batch_size, seq_length, fused_kernels):
-    """Temporaries of the backward pass on top of what is kept (reference kernels): the attention core's
-    score-sized gradients and, on the last stage, the cross-entropy/head gradients. Both are counted: the
-    measured CPU peaks grow with both, i.e. the head's temporaries are not all reused by the attention's."""
+    """Temporaries of the backward pass on top of what is kept (reference kernels), one term per phase: an
+    attention core's score-sized gradients and, on the last stage, the cross-entropy/head gradients. The
+    head's backward is over before any attention core's starts, so the planner counts the larger (CPU pool:
+    the head's phase holds two logits-sized tensors, an attention core's P, dP and P * dP)."""
     if fused_kernels:
         return []
     scores = micro_batch_size * model_config.num_attention_heads / parallel_config.model_parallel * \
