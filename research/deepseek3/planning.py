@@ -9,8 +9,8 @@ The reference-kernel constants below describe this repository's ops as written (
 CPU): how many score-sized [B, heads, S, S] and logits-sized [B*S, vocab] fp32 tensors exist besides the
 per-token terms, counted as MindSpore's memory pool counts them. HEAD_RETAINED_PER_HEAD follows from the ops;
 the other three were fitted (least squares, then rounded) to the pool's peak on four one- and two-layer
-probes and are checked, not fitted, by tests/test_plan_memory.py. Re-fit
-them with `python tests/test_plan_memory.py --calibrate` when the model's ops change. The functions read the
+probes and are checked, not fitted, by tests/planning/test_plan_memory.py. Re-fit
+them with `python tests/planning/test_plan_memory.py --calibrate` when the model's ops change. The functions read the
 constants at call time, so the calibration can set them on this module.
 """
 import math

@@ -14,7 +14,7 @@ from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.sharding import MATMUL_OPS, OP_KINDS, WEIGHT_KINDS
 from research.deepseek3.spec import SHARD_TABLE
 from research.deepseek3.weight_mapping import hf_parameter_shapes
-from tests.conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT
 
 KIND_SPLITS = SHARD_TABLE.kind_splits
 

@@ -365,7 +365,7 @@ def test_command_lines(tiny, tmp_path, capsys):
     import importlib.util
 
     def load(name):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "tools",
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "..", "tools",
                                                                          name + ".py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -9,7 +9,7 @@ import pytest
 
 from mindpretrain.planning.cost_model import GIB, TrainingSetup, build_plan, model_facts
 from research.deepseek3.planning import attention_flops_per_token, flops_per_token
-from tests.conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT
 
 YAML_671B = "research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml"
 YAML_1B = "research/deepseek3/deepseek3_671b/pretrain_deepseek3_1b.yaml"

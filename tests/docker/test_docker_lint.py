@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, STRICT
+from conftest import PROJECT_ROOT, STRICT
 
 DOCKERFILE = PROJECT_ROOT / "docker" / "Dockerfile"
 

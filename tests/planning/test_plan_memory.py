@@ -17,7 +17,7 @@ by more than the bound (+8.8% to +21.2% against one estimate). `mindspore.runtim
 `max_memory_allocated()` return empty statistics on CPU, so the figure is read from the statistics the
 pool prints at exit under MS_DEV_RUNTIME_CONF="memory_statistics:True", in whole MiB.
 
-Measured spread behind the bound: `for i in $(seq 10); do python tests/test_plan_memory.py 2 512 1024; done`
+Measured spread behind the bound: `for i in $(seq 10); do python tests/planning/test_plan_memory.py 2 512 1024; done`
 (a fresh process per measurement) printed the same peaks in all ten runs, 77 MiB at S = 512 and 193 MiB at
 S = 1024, and so did runs pinned to one core (`taskset -c 0`), with 1 or 8 CPU kernel threads and with
 synchronous kernel launches (`mindspore.runtime.launch_blocking()`). The statistic is truncated to whole MiB
@@ -25,7 +25,7 @@ synchronous kernel launches (`mindspore.runtime.launch_blocking()`). The statist
 was not fitted on. (Peak RSS, the previous measure, spread over 125-132 MiB at S = 512 in five runs of the
 same step on one machine.)
 
-`python tests/test_plan_memory.py BATCH SEQ [SEQ ...]` prints measurement and estimate per length;
+`python tests/planning/test_plan_memory.py BATCH SEQ [SEQ ...]` prints measurement and estimate per length;
 `--calibrate` re-fits the fitted reference-kernel constants on the calibration models (`CALIBRATION_MODELS`:
 one- and two-layer models without MTP) after the model's ops change and prints them.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small enough to run in seconds on 2 cores, with activations (not weights or logits) dominating.
 PROBE_MODEL = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,

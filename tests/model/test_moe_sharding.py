@@ -13,7 +13,7 @@ from mindpretrain.parallel.strategies import apply_shard_strategies, plan_shard_
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.moe import DeepseekV3MoE
 from research.deepseek3.spec import SHARD_TABLE
-from tests.conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT
 
 TINY = "configs/deepseek3/pretrain_deepseek3_tiny_cpu.yaml"
 PARALLEL = dict(data_parallel=4, model_parallel=2, expert_parallel=2)      # emp = mp = 2, no sequence split

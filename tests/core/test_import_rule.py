@@ -8,7 +8,7 @@ relative imports that resolve to it, and module names given as string literals t
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "mindpretrain"
 FORBIDDEN = "research"
 IMPORT_CALLS = ("import_module", "__import__", "find_spec")

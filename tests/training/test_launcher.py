@@ -178,7 +178,7 @@ def test_ascend_switches_on_semi_auto_pipeline_and_optimizer_sharding():
 
 def test_pipeline_wrapping_only_for_ascend_pipeline_runs():
     """Pipeline + PipelineGradReducer are chosen for semi-auto runs with pipeline_stage > 1 only,
-    with micro_batch_num from parallel_config (the wrapped cell itself: tests/test_train_pipeline.py)."""
+    with micro_batch_num from parallel_config (the wrapped cell itself: tests/training/test_train_pipeline.py)."""
     pc = FakeParallelConfig(dp=4, mp=2, pp=2, ep=4, optimizer_shard=True, micro_batch_num=8)
     wrapping = pipeline_wrapping(plan_parallel("Ascend", True, 16, 5, pc), pc)
     assert wrapping == PipelineWrapping(stages=2, micro_batch_num=8, optimizer_shard=True)

@@ -14,7 +14,7 @@ import mindspore as ms
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
 from research.deepseek3.hf_weights import load_hf_weights
-from tests.conftest import require_reference
+from conftest import require_reference
 
 TOLERANCE = 1e-4
 BATCH, SEQ = 2, 24
@@ -57,7 +57,7 @@ class Case:
     """One HF model + its checkpoint + our model loaded from it (built once per case)."""
 
     def __init__(self, tmp_path_factory, name, overrides):
-        from tests.hf_reference import build_tiny_hf_deepseek_v3
+        from hf_reference import build_tiny_hf_deepseek_v3
 
         overrides = dict(overrides)
         self.name = name
@@ -79,7 +79,7 @@ def case(request, tmp_path_factory):
 def test_logits_and_loss_match_transformers(case):
     import torch
 
-    from tests.hf_reference import hf_logits
+    from hf_reference import hf_logits
 
     reference = hf_logits(case.hf, case.ids)
     ours = case.model(ms.Tensor(case.ids)).asnumpy()

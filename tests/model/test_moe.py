@@ -13,7 +13,7 @@ from research.deepseek3.layers import SwiGLU
 from research.deepseek3.moe import (DeepseekV3MoE, default_block_size, default_moe_dispatch, dispatch_footprint,
                                     expert_bias_update, expert_sorted_layout, grouped_matmul_footprint,
                                     num_dispatch_blocks)
-from tests.conftest import require_reference
+from conftest import require_reference
 
 HIDDEN, INTER, EXPERTS = 32, 16, 8
 BATCH, SEQ = 2, 12

@@ -21,7 +21,7 @@ from research.deepseek3.hf_weights import CheckpointMismatchError, load_hf_weigh
 from research.deepseek3.moe import expert_bias_update
 from research.deepseek3.parameter_count import count_parameters
 from research.deepseek3.weight_mapping import hf_parameter_shapes, non_trainable_names, release_duplicates
-from tests.conftest import PROJECT_ROOT, require_reference
+from conftest import PROJECT_ROOT, require_reference
 
 CONFIG_671B = PROJECT_ROOT / "research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml"
 CONFIG_1B = PROJECT_ROOT / "research/deepseek3/deepseek3_671b/pretrain_deepseek3_1b.yaml"
@@ -376,7 +376,7 @@ def test_recompute_modes_build_and_match():
 def hf_checkpoint(tmp_path_factory):
     require_reference("torch")
     require_reference("transformers")
-    from tests.hf_reference import build_tiny_hf_deepseek_v3
+    from hf_reference import build_tiny_hf_deepseek_v3
 
     return build_tiny_hf_deepseek_v3(tmp_path_factory.mktemp("hf_model"), num_hidden_layers=2)
 
@@ -432,7 +432,7 @@ def test_checkpoint_without_mtp(hf_checkpoint, tmp_path):
 
 
 def test_logits_tool_end_to_end(hf_checkpoint, tmp_path):
-    from tests.hf_reference import hf_logits
+    from hf_reference import hf_logits
 
     hf_model, hf_dir = hf_checkpoint
     ids = np.random.RandomState(5).randint(0, 512, size=(2, 20))
@@ -449,7 +449,7 @@ def test_logits_tool_end_to_end(hf_checkpoint, tmp_path):
 
 def test_bf16_and_fp8_checkpoints_load(hf_checkpoint, tmp_path):
     from mindpretrain.checkpoint.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits
-    from tests.hf_reference import quantise_checkpoint_fp8, torch_block_dequantise
+    from hf_reference import quantise_checkpoint_fp8, torch_block_dequantise
 
     _, hf_dir = hf_checkpoint
     originals = {}
@@ -479,7 +479,7 @@ def test_logits_of_native_checkpoint(hf_checkpoint, tmp_path):
     import importlib.util
 
     from mindpretrain.checkpoint.conversion import convert_hf_to_native
-    from tests.hf_reference import hf_logits
+    from hf_reference import hf_logits
 
     hf_model, hf_dir = hf_checkpoint
     native_dir = str(tmp_path / "native")
