@@ -64,6 +64,9 @@ def build_parser():
     parser.add_argument("--device_target", default=None, choices=("CPU", "Ascend", "cpu", "ascend"),
                         help="default: Ascend when CANN is installed, else CPU")
     parser.add_argument("--seed", type=int, default=None, help="default: the YAML's seed, else 0")
+    parser.add_argument("--mtp", choices=("require", "init", "drop"), default=None,
+                        help="--load_checkpoint weights without MTP layers (saved by transformers): init (default: "
+                             "the MTP module starts fresh), drop (only for a YAML model without MTP), require (refuse)")
     return parser
 
 
@@ -95,6 +98,8 @@ def resolve_config(argv=None):
     run_config.setdefault("output_dir", "./output")
     if args.seed is not None:
         run_config["seed"] = args.seed
+    if args.mtp is not None:
+        run_config["load_checkpoint_mtp"] = args.mtp
     context = run_config.setdefault("context", {})
     context["device_target"] = (args.device_target or context.get("device_target") or default_device_target())
     context["device_target"] = {"cpu": "CPU", "ascend": "Ascend"}.get(context["device_target"].lower(),
@@ -104,22 +109,99 @@ def resolve_config(argv=None):
 
 
 def main(argv=None):
-    """Parse, set the process up, train; returns the exit code."""
+    """Parse, set the process up, train; returns the exit code.
+
+    A user's mistake (a bad path, a missing dataset, a refused config, a checkpoint of another shape)
+    ends the run with one line `run_mindformer.py: error: ...` and exit code 1, so a worker log shows
+    the cause and not a traceback; any other exception is a bug and keeps its traceback.
+    MINDPRETRAIN_TRACEBACK=1 shows the traceback of user errors too.
+    """
+    quiet_mindspore_logs(os.environ)
+    try:
+        return run_training(argv)
+    except Exception as error:  # noqa: BLE001  (classified below; anything else is re-raised untouched)
+        line = error_line(error, os.environ)
+        if line is None or os.environ.get("MINDPRETRAIN_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return 1
+
+
+def run_training(argv):
+    """The run itself: resolve the YAML and flags, load the plugins, set the process up and train."""
     args, run_config = resolve_config(argv)
     from mindpretrain.training import launch
-    from mindpretrain.training.checkpoint import CheckpointError
-    from mindpretrain.training.trainer import Trainer, TrainingError
+    from mindpretrain.training.trainer import Trainer
 
     launch.load_plugins(args.register_path)
-    try:
-        run = launch.setup_run(run_config)
-        trainer = Trainer(run.settings, run.model, run.model_config, run.dp, run.pipeline)
-        summary = trainer.train(resume=bool(run_config.get("resume_training")),
-                                load_checkpoint=run_config.get("load_checkpoint") or None)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as error:
-        print(f"run_mindformer.py: error: {error}", file=sys.stderr)
-        return 1
+    run = launch.setup_run(run_config)
+    trainer = Trainer(run.settings, run.model, run.model_config, run.dp, run.pipeline)
+    summary = trainer.train(resume=bool(run_config.get("resume_training")),
+                            load_checkpoint=run_config.get("load_checkpoint") or None)
     return 0 if summary["status"] in ("completed", "terminated") else 1
+
+
+# MindSpore's C++ log level (0 debug, 1 info, 2 warning, 3 error), read once when MindSpore is imported;
+# its Python logger follows the same variable.
+MINDSPORE_LOG_LEVEL = ("GLOG_v", "3")
+
+# (module, class) of the errors that mean "the input is wrong", not "the code is wrong". Looked up in
+# sys.modules: an error can only be of a class whose module was imported, and a failed import stays a bug.
+USER_ERRORS = (
+    ("mindpretrain.validation", "ConfigError"),
+    ("mindpretrain.registry", "RegistryError"),
+    ("mindpretrain.training.checkpoint", "CheckpointError"),
+    ("mindpretrain.training.trainer", "TrainingError"),
+    ("mindpretrain.data.indexed_dataset", "IndexedDatasetError"),
+    ("mindpretrain.data.tokenizer", "TokenizerError"),
+    ("mindpretrain.model_spec", "WeightsMismatchError"),
+    ("mindpretrain.checkpoint.safetensors_io", "SafetensorsError"),
+    ("mindpretrain.checkpoint.conversion_plan", "ConversionError"),
+    ("yaml", "YAMLError"),
+)
+# A path that is not there or not usable is the user's to fix (a full disk or a dead socket is not).
+USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def quiet_mindspore_logs(environ):
+    """Errors only from MindSpore's C++ logs unless the user chose a level: its [WARNING] lines
+    (cluster building, communication groups) would otherwise bury the run's own log lines."""
+    name, level = MINDSPORE_LOG_LEVEL
+    environ.setdefault(name, level)
+
+
+def is_user_error(error):
+    if isinstance(error, USER_OS_ERRORS):
+        return True
+    classes = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS)
+    return any(isinstance(error, cls) for cls in classes if isinstance(cls, type))
+
+
+def error_line(error, environ):
+    """The one line a user error ends the run with, or None for a bug (which keeps its traceback).
+
+    msrun's scheduler runs this script too, and its `init()` fails only because workers did: its
+    message's first line (not MindSpore's C++ call stack) says which ones."""
+    if is_user_error(error):
+        message = describe(error)
+    elif environ.get("MS_ROLE") == "MS_SCHED" and isinstance(error, RuntimeError):
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        message = f"msrun scheduler: {first}"
+    else:
+        return None
+    return f"run_mindformer.py: error: {message}"
+
+
+def describe(error):
+    """The error's message on one line (an OSError as 'reason: path')."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    parts = (" ".join(raw.split()) for raw in (str(error) or type(error).__name__).splitlines())
+    line = ""
+    for part in filter(None, parts):  # a list of problems becomes "intro: first; second"
+        separator = "" if not line else " " if line.endswith(":") else "; "
+        line += separator + part
+    return line
 
 
 if __name__ == "__main__":

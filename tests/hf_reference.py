@@ -317,3 +317,14 @@ def hf_logits(model, input_ids):
     with torch.no_grad():
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
         return model(input_ids=ids, use_cache=False).logits.float().numpy()
+
+
+def read_checkpoint_bits(directory):
+    """{name: (stored dtype, stored bits)} of a safetensors checkpoint directory (for bit-exact comparisons)."""
+    from mindpretrain.checkpoint.safetensors_io import open_safetensors, read_checkpoint_dir
+
+    out = {}
+    for name, path in read_checkpoint_dir(directory).items():
+        with open_safetensors(path) as handle:
+            out[name] = (handle.info(name)[0], np.array(handle.get_raw(name)))
+    return out

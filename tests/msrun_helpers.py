@@ -12,6 +12,7 @@ with an environment variable, and leaving the `with` block kills each process th
 whether the test passed, failed or timed out.
 """
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,41 @@ def marked_pids(mark):
     needle = f"{MARK}={mark}".encode()
     return [int(entry) for entry in os.listdir("/proc")
             if entry.isdigit() and needle in _proc_bytes(entry, "environ").split(b"\0")]
+
+
+def listening_pids(port):
+    """Pids of the processes holding a listening TCP socket on `port` (any address), from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:   # 0A: LISTEN
+                inodes.add(fields[9])
+    if not inodes:
+        return set()
+    return {int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if _socket_inodes(pid) & inodes}
+
+
+def _socket_inodes(pid):
+    """Inodes of the sockets process `pid` holds open (fds that close while being read are skipped)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    inodes = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    return inodes
 
 
 def _proc_bytes(pid, name):
@@ -117,8 +153,10 @@ class MsrunJob:
         self.process.wait()
 
     def _port_taken(self):
-        path = self.log_dir / "scheduler.log"
-        return path.exists() and f"{HOST}:{self.port} Address already in use" in path.read_text(errors="replace")
+        """Another process listens on the scheduler's port (it got it between the probe and the scheduler's
+        bind). Read from the kernel's socket table, not from a log line, so MindSpore's log level cannot hide it."""
+        owners = listening_pids(self.port)
+        return bool(owners) and not owners & set(marked_pids(self.mark))
 
     def wait_until(self, condition, timeout, what):
         """Poll until `condition()` holds; restart on a new port if the scheduler's was taken.
@@ -168,3 +206,25 @@ class MsrunJob:
 
     def report(self):
         return f"{self.output[-3000:]}\n{self.logs()[-4000:]}"
+
+
+# --- what a worker log may hold ---------------------------------------------------------------------------------
+
+OWN_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) mindpretrain(\.\w+)*: ")
+ERROR_LINE_PREFIX = "run_mindformer.py: error: "
+
+
+def sort_log_lines(text):
+    """(error lines, foreign lines) of a run's stderr or worker log: the `run_mindformer.py: error:` lines, and
+    every line that is neither one of them nor a line of the `mindpretrain` logger (its format:
+    mindpretrain/utils/logging.py), e.g. a traceback or MindSpore's own [WARNING]/[INFO] lines."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(ERROR_LINE_PREFIX)]
+    foreign = [line for line in lines if not line.startswith(ERROR_LINE_PREFIX) and not OWN_LOG_LINE.match(line)]
+    return errors, foreign
+
+
+def worker_log(job, rank):
+    """Worker `rank`'s log of an MsrunJob ('' when it has not been written)."""
+    path = job.log_dir / f"worker_{rank}.log"
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -31,6 +31,7 @@ from mindpretrain import registry  # noqa: E402
 from mindpretrain.config import load_config, parse_override_args  # noqa: E402
 from mindpretrain.registry import RegistryError  # noqa: E402
 from mindpretrain.validation import ConfigError  # noqa: E402
+from mindpretrain.mindformers_keys import check_run_config  # noqa: E402
 from mindpretrain.model_builder import build_model_config  # noqa: E402
 from mindpretrain.model_spec import spec_for_config  # noqa: E402
 from mindpretrain.parallel.layouts import kind_summary  # noqa: E402
@@ -66,6 +67,7 @@ def device_memory_budget(run_config, option):
 def load_run(config_path, overrides=(), register_path=None):
     """(run config, model config, ParallelConfig) exactly as training builds them (no model weights)."""
     run_config = load_config(config_path, overrides)
+    check_run_config(run_config)          # the same key vocabulary as training: typos fail with "did you mean"
     registry.import_register_path(register_path or os.path.join(ROOT, "research", "deepseek3"))
     model_config = build_model_config(run_config)
     return run_config, model_config, ParallelConfig.from_run_config(run_config)

@@ -7,6 +7,11 @@ optionally re-quantised to fp8 blocks. What the model looks like (its config, pa
 copies its release stores) comes from its `ModelSpec` (`mindpretrain.model_spec`): passed in, or found from the
 directory's config.json `model_type` or a training checkpoint's config.yaml.
 
+Two kinds of source beyond the release layout: a checkpoint without MTP weights (transformers saves none, yet
+its config.json keeps `num_nextn_predict_layers`), handled by `mtp` = require | init | drop; and the same weights
+under another framework's names (the spec's `foreign_layouts`, e.g. MindFormers'), recognised from the names
+and derived tensor by tensor into ours.
+
 Native weights directory (what `run_mindformer.py --load_checkpoint` is given):
     model-0000i-of-0000n.safetensors   tensors by their HF names (the spec's `parameter_specs`),
                                        bf16 or fp32, the expert-score bias always fp32; MTP layers kept
@@ -24,15 +29,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+from typing import Any, NamedTuple
 
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.conversion_io import (
     compare_tensors, verify_written, write_index, write_shard)
 from mindpretrain.checkpoint.safetensors_io import OpenFiles
 from mindpretrain.checkpoint.conversion_plan import (
-    ConversionError, Problems, TensorJob, inventory, layout_shards, match_sources, parse_size)
+    ConversionError, Problems, TensorJob, inventory, layout_shards, match_sources, parse_size, translate_sources)
 from mindpretrain.model_spec import spec_for_config_type, spec_for_model_type
 from mindpretrain.registry import RegistryError
 from mindpretrain.utils.logging import get_logger
@@ -46,6 +53,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 ALWAYS_FP32_SUFFIXES = ("e_score_correction_bias",)   # updated by +-0.001 steps: bf16 would freeze it
 IGNORED_NATIVE_PREFIXES = ("optimizer.",)             # training-checkpoint optimizer state is not exported
+MTP_CHOICES = ("require", "init", "drop")             # what to do with a checkpoint without MTP weights
 _DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 
 
@@ -228,52 +236,118 @@ def _execute(shards, directory, label, workers, metadata):
 # HF -> native
 # ----------------------------------------------------------------------------------------------------------
 
-def plan_hf_to_native(hf_dir, dtype="bf16", max_shard_size=DEFAULT_MAX_SHARD, spec=None):
-    """(model config, shards, duplicate checks) for converting `hf_dir`; raises ConversionError listing every
-    problem. `spec`: the model's ModelSpec (default: found from config.json's model_type)."""
+class HfPlan(NamedTuple):
+    """What an HF -> native conversion will do: `model_config` describes the tensors written, `output_config`
+    the native config.json (they differ when the MTP module is left to its initial values), `notes` one line
+    each for the log and the marker."""
+
+    model_config: Any
+    output_config: Any
+    shards: list
+    checks: list
+    notes: list
+    source_layout: str
+
+
+def _check_mtp(mtp):
+    if mtp not in MTP_CHOICES:
+        raise ConversionError(f"mtp ({mtp!r}) must be one of {', '.join(MTP_CHOICES)}")
+
+
+def _mtp_plan(spec, model_config, found, mtp):
+    """(config of the tensors to convert, config to write, source tensors, note or None) for an --mtp choice.
+
+    A checkpoint without any MTP tensor (transformers saves none) is converted without them under `init`
+    (config.json keeps the MTP module, which starts from its initial values when loaded) and `drop` (config.json
+    has none); a partial MTP falls through to the usual check, which lists what is missing."""
+    mtp_names, mtp_copies = spec.mtp_names(model_config)
+    present = {name for name in found if name in mtp_names or name in mtp_copies}
+    if not mtp_names or mtp == "require" or (present and not mtp_names <= present):
+        return model_config, model_config, found, None
+    lean = spec.without_mtp(model_config)
+    if mtp == "drop":
+        kept = OrderedDict((name, tensor) for name, tensor in found.items() if name not in present)
+        return lean, lean, kept, (f"--mtp drop: the native model has no multi-token prediction ({len(present)} MTP "
+                                  "tensors of the checkpoint skipped)")
+    if present:
+        return model_config, model_config, found, None
+    return lean, model_config, found, ("the checkpoint has no MTP weights: the native weights leave them out and the "
+                                       "MTP module starts from its initial values when loaded (--mtp init)")
+
+
+def _missing_mtp_hint(spec, model_config, found, mtp):
+    mtp_names, _ = spec.mtp_names(model_config)
+    if mtp == "require" and mtp_names and not mtp_names & set(found):
+        return "; it has no MTP weights (--mtp init or --mtp drop converts it)"
+    return ""
+
+
+def _hf_sources(hf_dir, spec, model_config, problems):
+    """The source tensors under native names (translated when the names are a foreign layout's) and the
+    layout's name ("HuggingFace" for the native names)."""
+    found = inventory(hf_dir, problems)
+    layout = spec.foreign_layout_of(list(found))
+    if layout is None:
+        return found, "HuggingFace"
+    logger.info("%s holds %s names: converting them to ours", hf_dir, layout.name)
+    return translate_sources(found, layout, model_config, problems), layout.name
+
+
+def plan_hf_to_native(hf_dir, dtype="bf16", max_shard_size=DEFAULT_MAX_SHARD, spec=None, mtp="init"):
+    """The `HfPlan` for converting `hf_dir`; raises ConversionError listing every problem. `spec`: the model's
+    ModelSpec (default: found from config.json's model_type); `mtp`: require | init | drop (see `_mtp_plan`)."""
+    _check_mtp(mtp)
     spec = spec or spec_of_hf_dir(hf_dir)
     out_dtype = _out_dtype(dtype)
-    model_config = spec.config_from_hf(hf_dir)
+    full_config = spec.config_from_hf(hf_dir)
+    problems = Problems()
+    found, source_layout = _hf_sources(hf_dir, spec, full_config, problems)
+    model_config, output_config, found, note = _mtp_plan(spec, full_config, found, mtp)
     expected = spec.parameter_shapes(model_config)
     duplicates = spec.release_duplicates(model_config)
-    problems = Problems()
-    found = inventory(hf_dir, problems)
     sources, duplicate_sources = match_sources(found, expected, problems, duplicates)
-    problems.raise_if_any(f"HF checkpoint {hf_dir} does not fit its config.json ({spec.describe(model_config)})")
+    problems.raise_if_any(f"{source_layout} checkpoint {hf_dir} does not fit its config.json "
+                          f"({spec.describe(full_config)}){_missing_mtp_hint(spec, full_config, found, mtp)}")
     jobs = [TensorJob(name, tensor, _dtype_for(name, out_dtype), scale=scale)
             for name, (tensor, scale) in sources.items()]
     found_order = {name: position for position, name in enumerate(found)}
     jobs.sort(key=lambda job: (job.source.path, found_order[job.source.name]))
     checks = [(copy, duplicate_sources[copy], sources[original][0], original)
               for copy, original in duplicates.items() if copy in duplicate_sources]
-    return model_config, layout_shards(jobs, parse_size(max_shard_size)), checks
+    return HfPlan(model_config, output_config, layout_shards(jobs, parse_size(max_shard_size)), checks,
+                  [note] if note else [], source_layout)
 
 
-def convert_hf_to_native(hf_dir, output_dir, dtype="bf16", workers=1, max_shard_size=DEFAULT_MAX_SHARD, spec=None):
-    """Convert an HF directory into native weights at `output_dir` (created; must not exist or be empty). fp8
-    weights are dequantised with their block scales; MTP layers are kept; the copies the release stores (e.g.
-    DeepSeek-V3's MTP embedding/head) are checked against the originals and dropped. Returns a summary dict."""
+def convert_hf_to_native(hf_dir, output_dir, dtype="bf16", workers=1, max_shard_size=DEFAULT_MAX_SHARD, spec=None,
+                         mtp="init"):
+    """Convert an HF directory (or the same weights under a foreign layout's names, e.g. MindFormers') into
+    native weights at `output_dir` (created; must not exist or be empty). fp8 weights are dequantised with their
+    block scales; MTP layers are kept (`mtp`: what to do when the checkpoint has none, see `_mtp_plan`); the
+    copies the release stores (e.g. DeepSeek-V3's MTP embedding/head) are checked against the originals and
+    dropped. Returns a summary dict."""
     _check_workers(workers)
     check_output_free(output_dir)
     spec = spec or spec_of_hf_dir(hf_dir)
     started = time.monotonic()
-    model_config, shards, checks = plan_hf_to_native(hf_dir, dtype, max_shard_size, spec)
-    expected = spec.parameter_shapes(model_config)
-    dropped = _check_duplicates(checks)
-    fp8_count = sum(1 for shard in shards for job in shard.jobs if job.scale is not None)
+    plan = plan_hf_to_native(hf_dir, dtype, max_shard_size, spec, mtp)
+    for note in plan.notes:
+        logger.warning(note)
+    dropped = _check_duplicates(plan.checks)
+    fp8_count = sum(1 for shard in plan.shards for job in shard.jobs if job.scale is not None)
     with _StagingDirectory(output_dir) as staging:
-        progress = _execute(shards, staging.path, "hf->native", workers, {"format": "pt"})
-        write_index(staging.path, shards)
-        verified = verify_written(staging.path, shards, expected)
+        progress = _execute(plan.shards, staging.path, "hf->native", workers, {"format": "pt"})
+        write_index(staging.path, plan.shards)
+        verified = verify_written(staging.path, plan.shards, spec.parameter_shapes(plan.model_config))
         torch_dtype = "bfloat16" if _out_dtype(dtype) == "BF16" else "float32"
-        _write_json(os.path.join(staging.path, "config.json"), spec.hf_config_dict(model_config, torch_dtype))
+        _write_json(os.path.join(staging.path, "config.json"), spec.hf_config_dict(plan.output_config, torch_dtype))
         summary = {"format": NATIVE_FORMAT, "format_version": 1, "dtype": torch_dtype,
-                   "source": {"kind": "huggingface", "path": os.path.abspath(str(hf_dir)),
-                              "fp8_weights_dequantised": fp8_count, "duplicates_dropped": dropped},
-                   "num_tensors": verified, "num_shards": len(shards), "total_bytes": progress.bytes}
+                   "source": {"kind": "huggingface", "layout": plan.source_layout,
+                              "path": os.path.abspath(str(hf_dir)), "fp8_weights_dequantised": fp8_count,
+                              "duplicates_dropped": dropped, "mtp": mtp, "notes": plan.notes},
+                   "num_tensors": verified, "num_shards": len(plan.shards), "total_bytes": progress.bytes}
         _write_json(os.path.join(staging.path, NATIVE_MARKER), summary)
     summary["seconds"] = time.monotonic() - started
-    logger.info("wrote %s: %d tensors in %d shards, %.2f GB, %.1f s", output_dir, verified, len(shards),
+    logger.info("wrote %s: %d tensors in %d shards, %.2f GB, %.1f s", output_dir, verified, len(plan.shards),
                 progress.bytes / 1e9, summary["seconds"])
     return summary
 

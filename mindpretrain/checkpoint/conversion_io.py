@@ -14,8 +14,8 @@ import numpy as np
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.conversion_plan import ITEM_SIZE, ConversionError
 from mindpretrain.checkpoint.safetensors_io import (
-    INDEX_FILE, OpenFiles, SafetensorsError, encode_header, bf16_bits_to_float32, float32_to_bf16_bits, open_safetensors,
-    read_index)
+    INDEX_FILE, OpenFiles, SafetensorsError, bf16_bits_to_float32, decode, encode_header, float32_to_bf16_bits,
+    open_safetensors, read_index)
 
 SLAB_BYTES = 8 * 1024 * 1024       # float32 bytes per slab (whole 128-row fp8 blocks); small enough to stay in
                                    # cache and in the malloc heap (bigger temporaries are fresh mmaps: page faults)
@@ -74,9 +74,20 @@ def _rows_per_slab(shape):
     return max(fp8.BLOCK, rows // fp8.BLOCK * fp8.BLOCK)
 
 
+def stored_bits(readers, tensor):
+    """The stored bits of a source tensor (memory-mapped), or of a derived one (built from its parts in memory;
+    parts of mixed dtypes are widened to float32 first, which is then the derived tensor's dtype)."""
+    if not tensor.parts:
+        return readers(tensor.path).get_raw(tensor.name)
+    parts = [stored_bits(readers, part) for part in tensor.parts]
+    if any(part.dtype != tensor.dtype for part in tensor.parts):
+        parts = [decode(part.dtype, bits).astype(np.float32) for part, bits in zip(tensor.parts, parts)]
+    return tensor.derive(*parts)
+
+
 def float_slabs(readers, tensor, scale=None):
     """Yield (row_start, float32 slab) of a source tensor: fp8 dequantised with its scale, bf16/f16 widened."""
-    raw = readers(tensor.path).get_raw(tensor.name)
+    raw = stored_bits(readers, tensor)
     scale_values = None
     if tensor.dtype == "F8_E4M3":
         scale_raw = readers(scale.path).get_raw(scale.name)
@@ -96,7 +107,7 @@ def float_slabs(readers, tensor, scale=None):
 
 def raw_slabs(readers, tensor):
     """Yield the stored bits of a source tensor in slabs (for dtype-preserving copies)."""
-    raw = readers(tensor.path).get_raw(tensor.name)
+    raw = stored_bits(readers, tensor)
     if raw.ndim == 0:
         yield raw.reshape(1)
         return
@@ -138,8 +149,8 @@ def write_shard(shard, directory, metadata=None, on_tensor=None):
     last_use = {}
     for position, job in enumerate(shard.jobs):
         for source in (job.source, job.scale):
-            if source is not None:
-                last_use[source.path] = position
+            for source_path in source.paths() if source is not None else ():
+                last_use[source_path] = position
     try:
         for position, job in enumerate(shard.jobs):
             try:

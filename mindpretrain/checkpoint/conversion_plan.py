@@ -26,10 +26,34 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class SourceTensor:
+    """A tensor of the source checkpoint, or (with `parts`) one derived from several by a foreign layout's
+    `derive` (renamed, split, stacked; see `model_spec.WeightLayout`): `path` is then its first part's file."""
     name: str
     path: str
     dtype: str
     shape: tuple
+    parts: tuple = ()
+    derive: object = None
+
+    def paths(self):
+        return [part.path for part in self.parts] if self.parts else [self.path]
+
+
+def translate_sources(found, layout, model_config, problems):
+    """`found` seen under native names through a foreign `layout`; what it cannot place goes to `problems`."""
+    derived, unconsumed, misshaped = layout.translate(model_config, {name: t.shape for name, t in found.items()})
+    for text in misshaped:
+        problems.add("wrong shape", text)
+    for name in unconsumed:
+        problems.add(f"unexpected (a {layout.name} name no tensor of this model reads)",
+                     f"{name} {list(found[name].shape)}")
+    translated = OrderedDict()
+    for name, recipe in derived.items():
+        parts = tuple(found[source] for source in recipe.sources)
+        dtypes = {part.dtype for part in parts}
+        translated[name] = SourceTensor(name, parts[0].path, dtypes.pop() if len(dtypes) == 1 else "F32",
+                                        tuple(recipe.shape), parts, recipe.derive)
+    return translated
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Turn the `data_loader.config` section (data_path blend, split, sizes) into train/valid/test datasets.
 
 Megatron's rules, so the same YAML selects the same data anywhere:
-- `data_path: [prefix]` uses one dataset as is; `data_path: [w1, p1, w2, p2, ...]` blends them:
+- `data_path: [prefix]` uses one dataset as is; `data_path: [w1, p1, w2, p2, ...]` blends them (weights
+  may be numbers or numeric strings, `['1', './dataset']` as MindFormers' YAMLs write them):
   dataset i is due `ceil(size * w_i)` samples, is built with 0.5 % more so that the error-greedy
   blend never runs it dry, and the blend holds the sum of the dues (Megatron-Core 0.16's rule; it
   can exceed `size` by a few samples).
@@ -14,6 +15,7 @@ import math
 
 import numpy as np
 
+from mindpretrain.mindformers_keys import PARTIAL_VOCABULARY
 from mindpretrain.validation import ConfigError, require
 from mindpretrain.data.blended_dataset import BlendedDataset, normalize_weights
 from mindpretrain.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_document_ranges
@@ -25,7 +27,7 @@ BLEND_SURPLUS = 0.005
 
 # `data_loader.config` keys that are not GPTDatasetConfig fields.
 _BLEND_KEYS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
-_IGNORED_KEYS = ("num_dataset_builder_threads", "mmap_bin_files")
+_IGNORED_KEYS = tuple(PARTIAL_VOCABULARY["train_dataset.data_loader.config"])   # accepted, no effect
 
 
 def parse_blend(data_path, key="data_path"):

@@ -78,9 +78,26 @@ class BlendedMegatronDatasetDataLoader:
         return to_mindspore(samples, num_parallel_workers)
 
 
+@register("data_loader")
+class MindDataset:
+    """MindFormers' MindRecord reader (its finetune YAMLs' `data_loader.type`), refused with the way forward:
+    mindpretrain reads Megatron BIN datasets only, so the YAML loads and plans, and building the data says how
+    to get there."""
+
+    def __new__(cls, dataset_dir=None, **unused):
+        raise ConfigError(f"train_dataset.data_loader.type (MindDataset, dataset_dir {dataset_dir!r}) reads "
+                          "MindRecord files, which mindpretrain does not; tokenize the data into a Megatron BIN "
+                          "dataset (tools/preprocess_data.py or research/deepseek3/wikitext_to_bin.py) and use "
+                          "type: BlendedMegatronDatasetDataLoader with config.data_path")
+
+
 def to_mindspore(samples, num_parallel_workers=1):
-    """A MindSpore GeneratorDataset over `samples`, in order (MindSpore is imported only here)."""
+    """A MindSpore GeneratorDataset over `samples`, in order (MindSpore is imported only here). The worker
+    count is capped at the CPU count, which MindSpore's validator requires (RunSettings says so once)."""
+    import os
+
     import mindspore.dataset as msd
 
+    workers = max(1, min(int(num_parallel_workers or 1), os.cpu_count() or 1))
     return msd.GeneratorDataset(samples, column_names=list(samples.columns), shuffle=False,
-                                num_parallel_workers=num_parallel_workers, python_multiprocessing=False)
+                                num_parallel_workers=workers, python_multiprocessing=False)

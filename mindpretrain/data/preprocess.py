@@ -16,8 +16,11 @@ memory, so documents are read, tokenized and written as a stream:
 * With one worker everything runs in-process; the files are byte-identical either way.
 
 A document whose text has no tokens is skipped (and counted), without an EOD of its own: a lone
-EOD is not a document. Outputs appear all together or not at all: an error, Ctrl-C, or an
-output that would hold no documents leaves no `.bin`/`.idx` (and no temporary file) behind.
+EOD is not a document. With `prepend_bos` every document starts with the tokenizer's BOS (so none
+is empty). With `packing` ("stitch" or "pad", see mindpretrain.data.packing) the tokenized
+documents are re-cut into documents of exactly `packed_length` tokens before they are written.
+Outputs appear all together or not at all: an error, Ctrl-C, or an output that would hold no
+documents leaves no `.bin`/`.idx` (and no temporary file) behind.
 """
 import contextlib
 import gzip
@@ -33,6 +36,7 @@ import numpy as np
 
 from mindpretrain.data.indexed_dataset import (IndexedDatasetBuilder, IndexedDatasetError, check_vocab_fits_dtype,
                                                data_file_path, index_file_path, token_dtype_for_vocab)
+from mindpretrain.data.packing import make_packer
 from mindpretrain.data.tokenizer import TOKENIZER_KINDS, TokenizerError, load_tokenizer
 from mindpretrain.data.wikitext import WikiTextError
 
@@ -45,14 +49,21 @@ class PreprocessError(ValueError):
 USER_ERRORS = (PreprocessError, TokenizerError, WikiTextError, IndexedDatasetError, OSError)
 
 
-def add_tokenizing_arguments(parser, log_interval, unit):
-    """The flags every preprocessing CLI shares: tokenizer kind, progress interval, token dtype."""
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS, default="HFTokenizer",
-                        help="default: HFTokenizer")
+DTYPE_AUTO_HELP = "auto = uint16 for vocabularies below 65500 tokens, else int32"
+
+
+def add_tokenizing_arguments(parser, log_interval, unit, tokenizer_aliases=(),
+                             dtype_help=f"default: {DTYPE_AUTO_HELP}"):
+    """The flags every preprocessing CLI shares: tokenizer kind, progress interval, token dtype.
+
+    `tokenizer_aliases` are further accepted `--tokenizer-type` names (the caller maps them to a kind);
+    `--dtype` defaults to None, which `preprocess` reads as auto."""
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_KINDS + tuple(tokenizer_aliases),
+                        default="HFTokenizer", help="default: HFTokenizer")
     parser.add_argument("--log-interval", type=int, default=log_interval,
                         help=f"print progress every this many {unit} (default: {log_interval})")
-    parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto",
-                        help="token dtype (default: auto = uint16 for vocabularies below 65500 tokens, else int32)")
+    parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default=None,
+                        help=f"token dtype ({dtype_help})")
     return parser
 
 
@@ -77,17 +88,21 @@ _MB = 1e6
 
 
 class _Encoder:
-    """Texts to token arrays: no special tokens from the tokenizer, EOD appended to non-empty texts."""
+    """Texts to token arrays: no special tokens from the tokenizer, BOS prepended when `bos_id` is given,
+    EOD appended to non-empty token lists."""
 
-    def __init__(self, tokenizer, eod_id):
+    def __init__(self, tokenizer, eod_id, bos_id=None):
         self.tokenizer = tokenizer
         self.eod_id = eod_id
+        self.bos_id = bos_id
 
     def __call__(self, batch):
         return [tuple(self._encode(text) for text in texts) for texts in batch]
 
     def _encode(self, text):
         ids = self.tokenizer.encode(text)
+        if self.bos_id is not None:
+            ids.insert(0, self.bos_id)
         if ids and self.eod_id is not None:
             ids.append(self.eod_id)
         return np.array(ids, dtype=np.int32)  # every vocabulary fits; half the pickled size of int64
@@ -97,12 +112,12 @@ _worker_encoder = None
 _worker_error = None
 
 
-def _init_worker(kind, path, eod_id):
+def _init_worker(kind, path, eod_id, bos_id):
     """Pool initializer: load this worker's own tokenizer; the parent alone handles Ctrl-C."""
     global _worker_encoder, _worker_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        _worker_encoder = _Encoder(load_tokenizer(kind, path), eod_id)
+        _worker_encoder = _Encoder(load_tokenizer(kind, path), eod_id, bos_id)
     except Exception as error:  # raised from the first task: a failing initializer makes Pool respawn forever
         _worker_error = error
 
@@ -126,15 +141,15 @@ def _batches(documents, batch_bytes):
         yield texts_list, total
 
 
-def _encoded_batches(batches, tokenizer, eod_id, workers):
+def _encoded_batches(batches, tokenizer, eod_id, workers, bos_id=None):
     """Yield `(encoded_batch, nbytes)` in input order, tokenizing in `workers` processes."""
     if workers == 1:
-        encoder = _Encoder(tokenizer, eod_id)
+        encoder = _Encoder(tokenizer, eod_id, bos_id)
         for batch, nbytes in batches:
             yield encoder(batch), nbytes
         return
     with multiprocessing.Pool(workers, initializer=_init_worker,
-                              initargs=(tokenizer.kind, tokenizer.path, eod_id)) as pool:
+                              initargs=(tokenizer.kind, tokenizer.path, eod_id, bos_id)) as pool:
         in_flight = deque()
         for batch, nbytes in batches:
             in_flight.append((pool.apply_async(_encode_in_worker, (batch,)), nbytes))
@@ -159,7 +174,8 @@ def resolve_dtype(dtype, tokenizer):
 
 
 def preprocess(documents, tokenizer_kind, tokenizer_path, output_prefixes, *, source, workers=1,
-               append_eod=True, dtype=None, log_interval=1000, batch_bytes=BATCH_BYTES):
+               append_eod=True, dtype=None, log_interval=1000, batch_bytes=BATCH_BYTES, prepend_bos=False,
+               packing=None, packed_length=None):
     """Tokenize `(texts, nbytes)` documents into one BIN dataset per output prefix.
 
     `texts[i]` of every document goes to `output_prefixes[i]`; `source` names the input in
@@ -167,45 +183,35 @@ def preprocess(documents, tokenizer_kind, tokenizer_path, output_prefixes, *, so
     the summary as a dict.
     """
     output_prefixes = [str(prefix) for prefix in output_prefixes]
-    if len(set(output_prefixes)) != len(output_prefixes):
-        raise PreprocessError(f"output prefixes {output_prefixes} are not distinct")
-    if workers < 1:
-        raise PreprocessError(f"workers must be at least 1, got {workers}")
-    if log_interval < 1:
-        raise PreprocessError(f"log interval must be at least 1 document, got {log_interval}")
+    _check_arguments(output_prefixes, workers, log_interval, packing, packed_length)
     tokenizer = load_tokenizer(tokenizer_kind, tokenizer_path)
-    if append_eod and tokenizer.eod_id is None:
-        raise PreprocessError(f"{tokenizer.path}: the tokenizer has no end-of-document token to append "
-                              "(give it a tokenizer_config.json with eos_token, or do not append EOD)")
+    eod_id, bos_id = _special_ids(tokenizer, append_eod, prepend_bos)
+    if packing == "pad" and tokenizer.pad_id is None:
+        raise PreprocessError(f"{tokenizer.path}: the tokenizer has neither a pad nor an end-of-document token "
+                              "to pad with (give it a tokenizer_config.json with pad_token)")
     dtype = resolve_dtype(dtype, tokenizer)
-    eod_id = tokenizer.eod_id if append_eod else None
-
     progress = _Progress(log_interval)
     outputs = [{"prefix": prefix, "documents": 0, "empty_documents": 0, "tokens": 0} for prefix in output_prefixes]
+    packers = [make_packer(packing, packed_length, tokenizer.pad_id) for _ in output_prefixes]
     builders = []
     try:
         for prefix in output_prefixes:  # appended one by one, so a failing one still discards the others
             builders.append(IndexedDatasetBuilder(prefix, dtype))
-        encoded = _encoded_batches(_batches(documents, batch_bytes), tokenizer, eod_id, workers)
+        encoded = _encoded_batches(_batches(documents, batch_bytes), tokenizer, eod_id, workers, bos_id)
         with contextlib.closing(encoded):
             for batch, nbytes in encoded:
                 for arrays in batch:
                     if len(arrays) != len(builders):
                         raise PreprocessError(f"{source}: a document has {len(arrays)} texts for "
                                               f"{len(builders)} outputs")
-                    for builder, output, array in zip(builders, outputs, arrays):
-                        if array.size:
-                            builder.add_document(array)
-                            output["documents"] += 1
-                            output["tokens"] += array.size
-                        else:
-                            output["empty_documents"] += 1
+                    for builder, output, packer, array in zip(builders, outputs, packers, arrays):
+                        output["empty_documents"] += not array.size
+                        _write(builder, output, packer.pack(array))
                 progress.update(len(batch), sum(sum(a.size for a in arrays) for arrays in batch), nbytes)
-        empty = [output for output in outputs if not output["documents"]]
-        if empty:
-            raise PreprocessError(
-                f"{source}: no tokens for {', '.join(output['prefix'] for output in empty)} "
-                f"({progress.documents} documents read, all empty); nothing was written")
+        for builder, output, packer in zip(builders, outputs, packers):
+            _write(builder, output, packer.finish())
+            output.update(packer.counters())
+        _check_not_empty(source, outputs, progress.documents, packing, packed_length)
         _finalize_all(builders)
     except BaseException:
         for builder in builders:
@@ -215,9 +221,54 @@ def preprocess(documents, tokenizer_kind, tokenizer_path, output_prefixes, *, so
         output["files"] = {path: os.path.getsize(path)
                            for path in (data_file_path(output["prefix"]), index_file_path(output["prefix"]))}
     summary = progress.summary(source=source, tokenizer=tokenizer.path, vocab_size=tokenizer.vocab_size,
-                               eod_id=eod_id, dtype=dtype.name, workers=workers, outputs=outputs)
+                               eod_id=eod_id, bos_id=bos_id, dtype=dtype.name, workers=workers, outputs=outputs,
+                               packing=packing, packed_length=packed_length)
     print(format_summary(summary), file=sys.stderr, flush=True)
     return summary
+
+
+def _check_arguments(output_prefixes, workers, log_interval, packing, packed_length):
+    if len(set(output_prefixes)) != len(output_prefixes):
+        raise PreprocessError(f"output prefixes {output_prefixes} are not distinct")
+    if workers < 1:
+        raise PreprocessError(f"workers must be at least 1, got {workers}")
+    if log_interval < 1:
+        raise PreprocessError(f"log interval must be at least 1 document, got {log_interval}")
+    if packing not in (None, "stitch", "pad"):
+        raise PreprocessError(f"packing must be stitch, pad or None, got {packing!r}")
+    if packing and (packed_length is None or packed_length < 1):
+        raise PreprocessError(f"packing {packing} needs a packed length of at least 1 token, got {packed_length}")
+
+
+def _special_ids(tokenizer, append_eod, prepend_bos):
+    """(eod_id, bos_id) to add, None for the ones not asked for; a missing one asked for is an error."""
+    if append_eod and tokenizer.eod_id is None:
+        raise PreprocessError(f"{tokenizer.path}: the tokenizer has no end-of-document token to append "
+                              "(give it a tokenizer_config.json with eos_token, or do not append EOD)")
+    if prepend_bos and tokenizer.bos_id is None:
+        raise PreprocessError(f"{tokenizer.path}: the tokenizer has no beginning-of-sequence token to prepend "
+                              "(give it a tokenizer_config.json with bos_token)")
+    return (tokenizer.eod_id if append_eod else None), (tokenizer.bos_id if prepend_bos else None)
+
+
+def _write(builder, output, arrays):
+    for array in arrays:
+        builder.add_document(array)
+        output["documents"] += 1
+        output["tokens"] += array.size
+
+
+def _check_not_empty(source, outputs, documents_read, packing, packed_length):
+    empty = [output for output in outputs if not output["documents"]]
+    if not empty:
+        return
+    names = ", ".join(output["prefix"] for output in empty)
+    if packing == "stitch" and any(output.get("dropped_tokens") for output in empty):
+        raise PreprocessError(
+            f"{source}: {max(output['dropped_tokens'] for output in empty):,} tokens in all, fewer than one "
+            f"sample of {packed_length} tokens for {names}; nothing was written (use a smaller --seq-length)")
+    raise PreprocessError(f"{source}: no tokens for {names} ({documents_read} documents read, all empty); "
+                          "nothing was written")
 
 
 def _finalize_all(builders):
@@ -264,18 +315,31 @@ class _Progress:
 
 
 def format_summary(summary):
+    eod = summary["eod_id"] if summary["eod_id"] is not None else "not appended"
+    bos = "" if summary.get("bos_id") is None else f", BOS {summary['bos_id']} prepended"
     lines = [
         f"preprocessed {summary['source']}: {summary['documents']} documents, {summary['tokens']:,} tokens, "
         f"{summary['bytes'] / _MB:.2f} MB in {summary['seconds']:.2f} s with {summary['workers']} worker(s)",
         f"  {summary['docs_per_s']:.1f} docs/s, {summary['tokens_per_s']:,.0f} tokens/s, "
         f"{summary['mb_per_s']:.2f} MB/s; tokenizer {summary['tokenizer']} (vocab {summary['vocab_size']}, "
-        f"EOD {summary['eod_id'] if summary['eod_id'] is not None else 'not appended'}), dtype {summary['dtype']}",
+        f"EOD {eod}{bos}), dtype {summary['dtype']}",
     ]
+    if summary.get("packing"):
+        lines.append(f"  --pad-or-stitch {summary['packing']}: each written document is one sample of "
+                     f"{summary['packed_length']} tokens")
     for output in summary["outputs"]:
         skipped = f", {output['empty_documents']} empty skipped" if output["empty_documents"] else ""
-        lines.append(f"  {output['prefix']}: {output['documents']} documents{skipped}, {output['tokens']:,} tokens")
+        lines.append(f"  {output['prefix']}: {output['documents']} documents{skipped}, {output['tokens']:,} tokens"
+                     + _packing_note(output))
         lines.extend(f"    {path}  {size:,} bytes" for path, size in output["files"].items())
     return "\n".join(lines)
+
+
+def _packing_note(output):
+    notes = {"dropped_tokens": "{:,} tokens of the final partial sample dropped",
+             "truncated_tokens": "{:,} tokens cut off long documents",
+             "padding_tokens": "{:,} padding tokens"}
+    return "".join(f"; {text.format(output[key])}" for key, text in notes.items() if key in output)
 
 
 def read_jsonl_documents(path, keys):

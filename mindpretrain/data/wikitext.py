@@ -1,4 +1,15 @@
-"""Split WikiText raw text (`wiki.*.tokens`, `wiki.*.raw`) into articles, streaming.
+"""Read WikiText raw text (`wiki.*.tokens`, `wiki.*.raw`) as articles (ours) or as MindFormers' paragraphs.
+
+Two readings of the same file, chosen by `wikitext_to_bin.py --document-unit`:
+
+* `read_paragraphs` (`paragraph`, the default) is MindFormers' DeepSeek-V3 preprocessing
+  (research/deepseek3/wikitext_to_bin.py): the whole file is cleaned of the corpus' tokenisation
+  artefacts (`clean_wikitext`), split at blank lines, and every paragraph that does not start
+  with `=` (a heading) is one document.
+* `read_articles` (`article`) is this project's own reading, described below.
+
+Articles
+--------
 
 WikiText has no document markers; the only article boundary is a top-level heading line. In the
 released files every line is padded with one space on each side and empty lines are a lone space:
@@ -26,6 +37,14 @@ form an article of their own, without a title.
 
 Reading holds one article in memory at a time, so wiki.train.tokens of WikiText-103 (500 MB)
 streams like the 1 MB validation file.
+
+Paragraphs
+----------
+MindFormers cleans the file as one string, and its bracket and quote rules pair an opening mark
+with the next closing one wherever it is, across lines and paragraphs (an unpaired `"` in one
+article shifts the pairing of every later quote). The same output therefore needs the whole text
+at once: `read_paragraphs` holds the file in memory (about three times its size while cleaning)
+and then yields the paragraphs one at a time.
 """
 import re
 from typing import NamedTuple, Optional
@@ -70,6 +89,51 @@ def split_articles(lines):
             kept.append(stripped)
     if kept:
         yield Article(title, "\n".join(kept), nbytes)
+
+
+# MindFormers' clean_wikitext, in its order: (kind, pattern, replacement); "str" is str.replace, "re" re.sub.
+# The first "re" rule is a literal no-op in practice (it matches "/' 5/" only, and writes "/'[0-9]/").
+MINDFORMERS_CLEANING_RULES = (
+    ("str", "s '", "s'"), ("re", r"/' [0-9]/", r"/'[0-9]/"),
+    ("str", " @-@ ", "-"), ("str", " @,@ ", ","), ("str", " @.@ ", "."),
+    ("str", " : ", ": "), ("str", " ; ", "; "), ("str", " . ", ". "), ("str", " ! ", "! "),
+    ("str", " ? ", "? "), ("str", " , ", ", "),
+    ("re", r"\(\s*([^\)]*?)\s*\)", r"(\1)"), ("re", r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+    ("re", r"{\s*([^}]*?)\s*}", r"{\1}"), ("re", r"\"\s*([^\"]*?)\s*\"", r'"\1"'),
+    ("re", r"'\s*([^']*?)\s*'", r"'\1'"),
+    ("str", "= = = =", "===="), ("str", "= = =", "==="), ("str", "= =", "=="),
+    ("str", " \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"), ("str", " \n", "\n"), ("str", "\n ", "\n"),
+    ("str", " N ", " 1 "), ("str", " 's", "'s"),
+)
+
+
+def clean_wikitext(text):
+    """MindFormers' cleaning of WikiText's tokenisation artefacts (` @-@ `, ` , `, `( x )`, `= =` ...)."""
+    for kind, pattern, replacement in MINDFORMERS_CLEANING_RULES:
+        text = text.replace(pattern, replacement) if kind == "str" else re.sub(pattern, replacement, text)
+    return text
+
+
+def split_paragraphs(text):
+    """Yield `(paragraph, nbytes)` of cleaned text: pieces between blank lines ("\\n\\n"), except empty ones
+    and headings (pieces starting with `=` after surrounding whitespace). Whitespace-only pieces are kept,
+    as MindFormers keeps them. `nbytes` counts the piece and its separator, for throughput figures."""
+    for paragraph in text.split("\n\n"):
+        if paragraph and not paragraph.strip().startswith("="):
+            yield paragraph, len(paragraph.encode("utf-8")) + 2
+
+
+def read_paragraphs(path):
+    """Yield MindFormers' paragraph documents of a WikiText file (UTF-8) as `(text, nbytes)`."""
+    try:
+        # Universal newlines, as MindFormers opens the file: "\r\n" reads as "\n".
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise WikiTextError(f"{path}: not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise WikiTextError(f"{path}: cannot read WikiText file ({error.strerror or error})") from None
+    yield from split_paragraphs(clean_wikitext(text))
 
 
 def read_articles(path):

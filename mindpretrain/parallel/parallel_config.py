@@ -14,6 +14,8 @@ parallel_config:                  # MindFormers TransformerOpParallelConfig keys
   gradient_aggregation_group: 4
 parallel:
   enable_parallel_optimizer: True # optimizer sharding (parallel_config.optimizer_shard is its deprecated alias)
+  parallel_optimizer_config:
+    optimizer_weight_shard_size: 8  # devices one weight's optimizer state is split over (-1: the whole group)
 model:
   model_config:
     offset: [1, 1, ..., -1]       # per-stage layer offset (MindFormers keeps it in model_config)
@@ -49,7 +51,8 @@ from mindpretrain.validation import ConfigError, require
 # Keys MindFormers' parallel_config accepts that we read but only support at their neutral value.
 _NEUTRAL_KEYS = {"context_parallel": 1, "seq_split_num": 1, "context_parallel_algo": "colossalai_cp",
                  "ulysses_degree_in_cp": 1}
-# Keys MindFormers accepts that do not change the layout (tuning knobs); accepted and ignored.
+# Keys MindFormers accepts that do not change the layout (tuning knobs); accepted and ignored (the start-up
+# notice lists them, see mindpretrain/mindformers_keys.py).
 _IGNORED_KEYS = ("mem_coeff",)
 
 OffsetSpec = Union[int, Tuple[int, ...]]
@@ -72,11 +75,14 @@ class ParallelConfig:
     # Tensor-parallel degree inside each routed expert (MindFormers' moe_config.expert_model_parallel);
     # None means "same as model_parallel".
     expert_model_parallel: Optional[int] = None
+    # MindSpore's parallel_optimizer_config.optimizer_weight_shard_size (MindFormers keeps it under
+    # parallel.parallel_optimizer_config); -1 splits each weight's optimizer state over its whole group.
+    optimizer_weight_shard_size: int = -1
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, parallel_config=None, enable_parallel_optimizer=None, offset=None,
-                  expert_model_parallel=None):
+                  expert_model_parallel=None, optimizer_weight_shard_size=None):
         """Build from the YAML `parallel_config` mapping (plus the few keys MindFormers keeps elsewhere)."""
         raw = dict(parallel_config or {})
         fields = {field.name for field in dataclasses.fields(cls)}
@@ -111,6 +117,11 @@ class ParallelConfig:
                     values.get("expert_model_parallel"),
                     "is also given in moe_config.expert_model_parallel; set it in one place")
             values["expert_model_parallel"] = expert_model_parallel
+        if optimizer_weight_shard_size is not None:
+            require("optimizer_weight_shard_size" not in values, "parallel_config.optimizer_weight_shard_size",
+                    values.get("optimizer_weight_shard_size"),
+                    "is also given in parallel.parallel_optimizer_config; set it in one place")
+            values["optimizer_weight_shard_size"] = optimizer_weight_shard_size
         config = cls(**values)
         config.check_types()
         return config
@@ -122,10 +133,12 @@ class ParallelConfig:
         parallel = run_config.get("parallel") or {}
         model_config = (run_config.get("model") or {}).get("model_config") or {}
         moe_config = model_config.get("moe_config") or run_config.get("moe_config") or {}
+        optimizer_config = parallel.get("parallel_optimizer_config") or {}
         return cls.from_dict(run_config.get("parallel_config") or {},
                              enable_parallel_optimizer=parallel.get("enable_parallel_optimizer"),
                              offset=model_config.get("offset"),
-                             expert_model_parallel=moe_config.get("expert_model_parallel"))
+                             expert_model_parallel=moe_config.get("expert_model_parallel"),
+                             optimizer_weight_shard_size=optimizer_config.get("optimizer_weight_shard_size"))
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -151,6 +164,14 @@ class ParallelConfig:
         """How many parts the sequence of norm/residual activations is split into."""
         return self.model_parallel if self.use_seq_parallel else 1
 
+    @property
+    def parallel_optimizer_context(self):
+        """MindSpore's `set_auto_parallel_context(parallel_optimizer_config=...)` value for optimizer sharding
+        (empty when there is nothing to set)."""
+        if not self.optimizer_shard or self.optimizer_weight_shard_size == -1:
+            return {}
+        return {"optimizer_weight_shard_size": self.optimizer_weight_shard_size}
+
     def to_dict(self):
         data = dataclasses.asdict(self)
         if isinstance(self.offset, tuple):
@@ -171,6 +192,11 @@ class ParallelConfig:
                     "moe_config.expert_model_parallel", value, "must be a positive integer or null")
             require(self.model_parallel % value == 0, "moe_config.expert_model_parallel", value,
                     f"must divide parallel_config.model_parallel ({self.model_parallel})")
+        shard_size = self.optimizer_weight_shard_size
+        require(isinstance(shard_size, int) and not isinstance(shard_size, bool)
+                and (shard_size == -1 or shard_size >= 1),
+                "parallel.parallel_optimizer_config.optimizer_weight_shard_size", shard_size,
+                "must be -1 (the whole group) or a positive integer")
         for key in ("use_seq_parallel", "vocab_emb_dp", "optimizer_shard"):
             require(isinstance(getattr(self, key), bool), f"parallel_config.{key}", getattr(self, key),
                     "must be True or False")

@@ -192,3 +192,22 @@ def assign_pipeline_stages(model, placement):
     for path, stage in stages.items():
         cells[path].pipeline_stage = stage
     return stages
+
+
+def layers_per_stage_count(placement, counts, key):
+    """Per-stage layer counts (MindFormers' `recompute: [n0, n1, ...]`) -> the set of global layer ids they name.
+
+    As MindFormers' `LayerSetting` does, stage i contributes its FIRST `counts[i]` layers (clamped to the layers
+    it holds); `True` means all of the stage's layers and `False` none.
+    """
+    pp = placement.pipeline_stage
+    require(len(counts) == pp, key, list(counts),
+            f"as a per-stage list must have one entry per pipeline stage (pipeline_stage = {pp})")
+    chosen = set()
+    for stage, count in zip(placement.stages, counts):
+        require(isinstance(count, int) and (isinstance(count, bool) or count >= 0), key, list(counts),
+                "entries must be True, False or a number of layers >= 0 (one per pipeline stage)")
+        if isinstance(count, bool):
+            count = stage.num_layers if count else 0
+        chosen.update(stage.layer_ids[:count])
+    return chosen

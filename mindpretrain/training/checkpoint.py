@@ -44,6 +44,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 COMPLETE_MARKER = "COMPLETE"
+MTP_CHOICES = ("require", "init", "drop")   # --mtp: weights without MTP layers (the converter's choices too)
 OPTIMIZER_PREFIX = "optimizer."
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -363,18 +364,41 @@ class CheckpointManager:
             return
         self.loss_scaler.load_state_dict(saved)
 
+    def mtp_choice(self):
+        """`load_checkpoint_mtp` of the run (run_mindformer.py --mtp): require | init (default) | drop."""
+        run_config = getattr(self.settings, "run_config", None)
+        choice = run_config.get("load_checkpoint_mtp", "init") if run_config is not None else "init"
+        require(choice in MTP_CHOICES, "load_checkpoint_mtp", choice,
+                f"must be one of {', '.join(MTP_CHOICES)} (--mtp: what to do with weights without MTP layers)")
+        return choice
+
     def load_weights(self, path):
-        """Model weights only (finetune / warm start): a native checkpoint, or a HuggingFace directory read
-        through the model's spec (`mindpretrain.model_spec`)."""
+        """Model weights only (finetune / warm start): a native checkpoint, or a HuggingFace directory (or the
+        same weights under MindFormers' names) read through the model's spec (`mindpretrain.model_spec`).
+
+        Weights without MTP layers (saved by transformers): --mtp init leaves the model's MTP module at its
+        initial values (one warning says so), require refuses them, drop accepts only a model without MTP
+        (and skips the checkpoint's MTP layers, if any)."""
         if is_native_checkpoint(path):
             verify_checkpoint(path)
             check_shapes(path, self.expected_shapes())
             self._load_model_tensors(path)
         else:
-            from mindpretrain.model_spec import WeightsMismatchError, spec_for_config
-
-            try:
-                spec_for_config(self.model_config).load_hf_weights(self.model, path)
-            except WeightsMismatchError as error:
-                raise CheckpointError(f"--load_checkpoint {path}: {error}") from None
+            self._load_hf_weights(path, self.mtp_choice())
         train_logger.info("loaded weights from %s", path)
+
+    def _load_hf_weights(self, path, mtp):
+        from mindpretrain.model_spec import WeightsMismatchError, spec_for_config
+
+        spec = spec_for_config(self.model_config)
+        options = {"allow_missing_mtp": mtp != "require"}
+        if mtp == "drop":
+            if spec.mtp_names(self.model_config)[0]:
+                raise CheckpointError(f"--load_checkpoint {path} with --mtp drop: the YAML's model has multi-token "
+                                      f"prediction ({spec.describe(self.model_config)}); set its MTP depth to 0 "
+                                      "(num_nextn_predict_layers: 0) to train without it, or use --mtp init")
+            options["drop_mtp"] = True
+        try:
+            spec.load_hf_weights(self.model, path, **options)
+        except WeightsMismatchError as error:
+            raise CheckpointError(f"--load_checkpoint {path}: {error}") from None

@@ -1,10 +1,12 @@
 """Turning a resolved run YAML into a running process: device context, communication, seed, model.
 
 `setup_run` is the whole sequence `run_mindformer.py` runs before training, in the order MindSpore
-needs it: the device context first, then communication (msrun), then the parallel plan
+needs it: the run YAML's keys checked against MindFormers' vocabulary (a typo fails before anything
+starts), the device context, then communication (msrun), then the parallel plan
 (`mindpretrain.parallel.plan`), the seed, the model with the plan applied to it, and last the
-typed run settings the trainer takes. Importing this module imports neither MindSpore nor the
-trainer, so the entry script can resolve its arguments without them.
+typed run settings the trainer takes. Rank 0 then logs one line naming every accepted key that has no
+effect here (run-level keys and the model config's `no_effect_keys`). Importing this module imports
+neither MindSpore nor the trainer, so the entry script can resolve its arguments without them.
 """
 import dataclasses
 import os
@@ -117,14 +119,26 @@ def load_plugins(register_path):
         registry.import_register_path(register_path)
 
 
+def log_no_effect_notice(settings, model_config, rank):
+    """The one start-up line `no effect here: key1, key2, ...` (rank 0, INFO), or nothing when every key acts."""
+    from mindpretrain.mindformers_keys import no_effect_notice
+
+    notice = no_effect_notice(settings.no_effect_keys, model_config)
+    if notice and rank == 0:
+        logger.info("%s", notice)
+    return notice
+
+
 def setup_run(run_config):
     """Set up this process for the resolved run YAML (`run_mindformer.resolve_config`) and build its model.
 
     Raises ConfigError for a configuration that cannot run, before training starts."""
+    from mindpretrain.mindformers_keys import check_run_config
     from mindpretrain.model_builder import build_model
     from mindpretrain.parallel import plan as parallel_plan
     from mindpretrain.training.settings import DataParallelInfo, RunSettings
 
+    check_run_config(run_config)
     device_target = run_config["context"]["device_target"]
     init_context(run_config.get("context"), device_target)
     workers, _ = launched_by_msrun()
@@ -138,6 +152,7 @@ def setup_run(run_config):
     apply_batch_size_factor(run_config, plan.batch_size_factor)
     logger.info("rank %d/%d on %s, parallel mode %s", rank, world_size, device_target, plan.mode)
     settings = RunSettings.from_config(run_config)
+    log_no_effect_notice(settings, model_config, rank)
     pipeline = parallel_plan.pipeline_wrapping(plan, parallel_config, settings.accumulation_steps)
     if pipeline is not None:
         logger.info("pipeline parallel: %d stages, %d micro batches (%s + %s)", pipeline.stages,

@@ -6,6 +6,11 @@ applied. `lr(step)` is the rate used by the update of 0-based global step `step`
 linearly from `warmup_lr_init` (MindFormers' and Megatron's convention: step 0 uses the initial
 rate) and ends at `warmup_steps`, after which the decay runs over the remaining steps.
 
+`warmup_ratio` follows MindFormers' trainer (`create_lr_scheduler`): it takes precedence over
+`warmup_steps`, and the warmup is `int(run_steps * warmup_ratio)` steps, where `run_steps` is the length of
+the run (MindFormers' epochs x dataset size; here `runner_config.train_steps` or the epochs of the dataset),
+even when `total_steps` names a different decay length. `int` truncates, as there: 0.29 x 100 is 28 steps.
+
     lr_schedule:
       type: CosineWithWarmUpLR
       learning_rate: 3.e-4
@@ -35,23 +40,30 @@ class WarmUpLR:
         self.total_steps = total_steps
         self.warmup_ratio = warmup_ratio
         self._warmup_steps = warmup_steps
+        self.run_steps = None
         if warmup_ratio is not None:
-            require(0 <= warmup_ratio <= 1, "lr_schedule.warmup_ratio", warmup_ratio, "must be in [0, 1]")
+            require(isinstance(warmup_ratio, (int, float)) and not isinstance(warmup_ratio, bool)
+                    and 0 <= warmup_ratio <= 1, "lr_schedule.warmup_ratio", warmup_ratio, "must be a number in [0, 1]")
         if warmup_steps is not None:
             require(isinstance(warmup_steps, int) and warmup_steps >= 0, "lr_schedule.warmup_steps",
                     warmup_steps, "must be a non-negative integer")
 
     def set_total_steps(self, total_steps):
-        """Called by the trainer: `total_steps: -1/null` in YAML means the length of the run."""
+        """Called by the trainer with the length of the run: `total_steps: -1/null` in YAML means that length,
+        and `warmup_ratio` is a fraction of it."""
+        if total_steps is None:   # the run's length is not known yet (e.g. a planning tool)
+            return
+        self.run_steps = int(total_steps)
         if self.total_steps is None:
             self.total_steps = int(total_steps)
 
     @property
     def warmup_steps(self):
         if self.warmup_ratio is not None:
-            require(self.total_steps is not None, "lr_schedule.total_steps", self.total_steps,
-                    "must be known to use warmup_ratio")
-            return int(self.warmup_ratio * self.total_steps)
+            run_steps = self.total_steps if self.run_steps is None else self.run_steps
+            require(run_steps is not None, "lr_schedule.warmup_ratio", self.warmup_ratio,
+                    "needs the length of the run (runner_config.train_steps or lr_schedule.total_steps)")
+            return int(run_steps * self.warmup_ratio)
         return self._warmup_steps or 0
 
     def __call__(self, step):

@@ -2,12 +2,23 @@
 
 `RunSettings.from_config(run_config)` is the only place that reads the YAML sections the loop uses
 (MindFormers' `runner_config`, `runner_wrapper`, `callbacks`, `train_dataset`, `tensorboard`), so a bad
-value fails at start-up with the key, the value and the rule, not mid-run.
+value fails at start-up with the key, the value and the rule, not mid-run. Every run-level key is first
+checked against MindFormers' vocabulary (`mindpretrain.mindformers_keys`): a typo fails with "did you
+mean", and the accepted keys that change nothing here are kept in `no_effect_keys` for the start-up notice.
+Where MindFormers has a default, it is MindFormers' (`use_clip_grad: False`, `max_grad_norm: 1.0`).
 """
 import dataclasses
+import numbers
+import os
 from typing import Any
 
+from mindpretrain import mindformers_keys
+from mindpretrain.utils.logging import get_logger
 from mindpretrain.validation import require
+
+logger = get_logger("run")
+# MindFormers' TrainOneStep wrappers; MFPipelineWithLossScaleCell is what it picks itself under pipeline stages.
+RUNNER_WRAPPERS = ("MFTrainOneStepCell", "MFPipelineWithLossScaleCell", "TrainOneStepCell")
 
 DEFAULT_LR_SCHEDULE = {"type": "ConstantWarmUpLR", "learning_rate": 1e-4}
 
@@ -53,11 +64,13 @@ class RunSettings:
     runner_wrapper: Any = None         # YAML `runner_wrapper` (loss scaling)
     data_loader: Any = None            # YAML `train_dataset.data_loader`
     num_parallel_workers: int = 1
+    no_effect_keys: tuple = ()         # accepted MindFormers keys that change nothing here (dotted names)
     run_config: Any = None
 
     @classmethod
     def from_config(cls, run_config, output_dir=None):
         """The settings of a whole run YAML (`output_dir` overrides the YAML's)."""
+        no_effect_keys = mindformers_keys.check_run_config(run_config)
         runner = dict(run_config.get("runner_config") or {})
         wrapper = dict(run_config.get("runner_wrapper") or {})
         settings = cls(
@@ -69,19 +82,21 @@ class RunSettings:
             on_data_exhausted=runner.get("data_exhausted", "stop"),
             device_peak_tflops=runner.get("device_peak_tflops"),
             device=runner.get("device"),
-            max_grad_norm=(wrapper.get("max_grad_norm", 1.0) if wrapper.get("use_clip_grad", True) else None),
+            max_grad_norm=gradient_clip_norm(wrapper),
             param_checksum=bool(runner.get("log_param_checksum", False)),
             output_dir=output_dir or run_config.get("output_dir") or "./output",
-            optimizer=run_config.get("optimizer"),
+            optimizer=_honoured(run_config.get("optimizer"), "optimizer"),
             lr_schedule=run_config.get("lr_schedule") or dict(DEFAULT_LR_SCHEDULE),
             runner_wrapper=run_config.get("runner_wrapper"),
             data_loader=run_config.get_path("train_dataset.data_loader"),
-            num_parallel_workers=run_config.get_path("train_dataset.num_parallel_workers", 1) or 1,
+            num_parallel_workers=clamp_workers(run_config.get_path("train_dataset.num_parallel_workers", 1)),
+            no_effect_keys=no_effect_keys,
             run_config=run_config,
         )
         settings._read_callbacks(run_config.get("callbacks") or [])
         settings.tensorboard_dir = (run_config.get("tensorboard") or {}).get("tensorboard_dir")
-        settings.seq_length = (run_config.get_path("train_dataset.data_loader.config") or {}).get("seq_length")
+        settings.seq_length = ((run_config.get_path("train_dataset.data_loader.config") or {}).get("seq_length")
+                               or run_config.get_path("model.model_config.seq_length"))
         settings.validate()
         return settings
 
@@ -114,7 +129,10 @@ class RunSettings:
         require(self.on_data_exhausted in ("stop", "next_epoch"), "runner_config.data_exhausted",
                 self.on_data_exhausted, "must be 'stop' or 'next_epoch'")
         require(self.seq_length is not None, "train_dataset.data_loader.config.seq_length", self.seq_length,
-                "must be set")
+                "must be set (or model.model_config.seq_length)")
+        kind = (self.runner_wrapper or {}).get("type")
+        require(kind is None or kind in RUNNER_WRAPPERS, "runner_wrapper.type", kind,
+                f"must be one of {', '.join(RUNNER_WRAPPERS)} (the step is compiled by mindpretrain's own train step)")
 
     def check_model(self, model_config):
         """Refuse samples longer than the model's position tables."""
@@ -126,3 +144,34 @@ class RunSettings:
     def samples_per_step(self, dp_size):
         """Global samples one optimizer step consumes: batch_size x dp x accumulation."""
         return self.micro_batch_size * dp_size * self.accumulation_steps
+
+
+def _honoured(section, path):
+    return None if section is None else mindformers_keys.honoured_only(section, path)
+
+
+def gradient_clip_norm(runner_wrapper):
+    """The global-norm clip of `runner_wrapper` (MindFormers' MFTrainOneStepCell: `use_clip_grad` defaults to
+    False, `max_grad_norm` to 1.0), or None for no clipping."""
+    use_clip_grad = runner_wrapper.get("use_clip_grad", False)
+    require(isinstance(use_clip_grad, bool), "runner_wrapper.use_clip_grad", use_clip_grad, "must be True or False")
+    if not use_clip_grad:
+        return None
+    norm = runner_wrapper.get("max_grad_norm", 1.0)
+    require(isinstance(norm, numbers.Real) and not isinstance(norm, bool) and norm > 0,
+            "runner_wrapper.max_grad_norm", norm, "must be a positive number")
+    return float(norm)
+
+
+def clamp_workers(requested):
+    """`train_dataset.num_parallel_workers`, at most this host's CPU count (MindSpore's dataset validator refuses
+    more; MindFormers' YAMLs ask for 8 whatever the host), with a notice when it is lowered."""
+    requested = 1 if requested is None else requested
+    require(isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1,
+            "train_dataset.num_parallel_workers", requested, "must be a positive integer")
+    cores = os.cpu_count() or 1
+    if requested > cores:
+        logger.info("train_dataset.num_parallel_workers (%d) lowered to %d, the CPU count of this host",
+                    requested, cores)
+        return cores
+    return requested

@@ -26,7 +26,8 @@ logger = get_logger("deepseek3.config")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 RECOMPUTE_MODES = ("none", "full", "selective")
 
-# MindFormers / HF keys that describe kernels, inference or bookkeeping, not the model being trained.
+# MindFormers / HF keys that describe kernels, inference or bookkeeping, not the model being trained. They are
+# accepted and reported once (`DeepseekV3Config.no_effect_keys`); any other unknown key is refused.
 _IGNORED = frozenset((
     "batch_size", "multiple_of", "ffn_dim_multiplier", "ignore_token_id", "rotary_dtype", "router_dense_type",
     "use_past", "use_flash_attention", "use_fused_swiglu", "use_fused_rope", "input_sliced_sig",
@@ -36,13 +37,33 @@ _IGNORED = frozenset((
     "parallel_config", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
     "quantization_config", "pretraining_tp", "output_router_logits", "ep_size", "aux_loss_alpha", "seq_aux",
     "topk_method", "scoring_func", "moe_layer_freq", "head_dim", "qk_head_dim", "_name_or_path", "type",
+    "enable_fa_var_len", "return_hidden_states", "is_mtp_model", "n_kv_heads",
 ))
+# MindFormers' MoEConfig vocabulary without an effect here (kernel switches, capacity of the dropping router,
+# expert-placement heuristics). `aux_loss_factor` belongs to MindFormers' v1 router; DeepSeek-V3 (TopkRouterV2,
+# MoEV3) reads only `aux_loss_types`/`aux_loss_factors`.
 _IGNORED_MOE = frozenset((
-    "expert_group_size", "capacity_factor", "routing_policy", "balance_via_topk_bias", "use_fused_ops_topkrouter",
-    "aux_loss_types", "expert_model_parallel", "use_gating_sigmoid", "callback_moe_droprate", "use_gmm",
-    "use_fused_ops_permute", "enable_gmm_safe_tokens", "enable_sdrop", "group_wise_a2a", "z_loss_factor",
-    "num_experts_chosen_per_group", "enable_deredundency", "npu_nums_per_device", "use_allgather_dispatcher",
+    "expert_group_size", "capacity_factor", "routing_policy", "use_fused_ops_topkrouter", "aux_loss_factor",
+    "expert_model_parallel", "callback_moe_droprate", "use_gmm", "use_fused_ops_permute",
+    "enable_gmm_safe_tokens", "enable_sdrop", "group_wise_a2a", "num_experts_chosen_per_group",
+    "enable_deredundency", "npu_nums_per_device", "use_allgather_dispatcher", "comp_comm_parallel",
+    "comp_comm_parallel_degree", "save_token_distribution", "cur_layer", "enable_cold_hot_expert", "update_step",
+    "hot_expert_num", "cold_token_percent", "moe_module_name", "router_dense_type", "max_router_load",
+    "topk_method", "moe_shared_expert_overlap", "dispatch_global_max_bs", "ep_extend_tp",
 ))
+# MindFormers MoE keys whose value is fixed by this implementation: any other value is a different model.
+_REQUIRED_MOE_VALUES = {"use_gating_sigmoid": (True,), "z_loss_factor": (0, 0.0), "use_shared_expert_gating": (False,)}
+# Accepted here but honoured elsewhere (registry type, YaRN switch, ParallelConfig), so never reported as no-ops.
+_READ_ELSEWHERE = frozenset(("type", "extend_method", "moe_config.expert_model_parallel"))
+# Why a no-op key has no effect, when the name alone does not say it.
+NO_EFFECT_REASONS = {
+    "n_kv_heads": "MLA expands its latent to one key/value per query head, so MindFormers ignores it too",
+    "moe_config.aux_loss_factor": "read by MindFormers' v1 router only; DeepSeek-V3 uses aux_loss_factors",
+}
+# MindFormers' auxiliary balance losses (TopkRouterV2 / MoEV3): "expert" is the expert-level loss
+# alpha * E * sum_i f_i P_i, our `seq_balance_loss_alpha`; "device"/"comm" balance groups of experts.
+AUX_LOSS_TYPES = ("expert", "device", "comm")
+
 # How routed tokens reach their experts (research/deepseek3/moe.py explains both).
 MOE_DISPATCHES = ("block_sparse", "grouped_matmul")
 # Values of HF config.json keys this implementation relies on; anything else is a different model.
@@ -122,6 +143,38 @@ def _check_required_hf_values(values):
         if key in values:
             require(values[key] in accepted, key, values[key],
                     f"must be {accepted[0]!r}: this implementation is DeepSeek-V3's router/layout")
+
+
+def _expert_aux_loss_factor(factors, types):
+    """MindFormers' `aux_loss_factors` (with `aux_loss_types`) -> the factor of our expert balance loss.
+
+    MindFormers pairs the two lists by position (types missing: the first factor is the "expert" one). The
+    "expert" loss of its TopkRouterV2/MoEV3 is alpha * E * sum_i f_i P_i (f_i: share of the token-expert
+    assignments of expert i, P_i: mean normalised score), the quantity `seq_balance_loss_alpha` weighs; "device"
+    and "comm" balance groups of experts and are not implemented here, so only a factor of 0 is accepted for them.
+    """
+    key = "moe_config.aux_loss_factors"
+    require(isinstance(factors, (list, tuple)) and len(factors) >= 1, key, factors,
+            "must be a non-empty list of numbers, one per entry of moe_config.aux_loss_types")
+    types = list(types) if types is not None else list(AUX_LOSS_TYPES[:1])
+    require(isinstance(types, list) and all(item in AUX_LOSS_TYPES for item in types), "moe_config.aux_loss_types",
+            types, f"must be a list of {', '.join(map(repr, AUX_LOSS_TYPES))}")
+    require(len(types) == len(factors) or len(types) == 1, key, list(factors),
+            f"must have one factor per entry of moe_config.aux_loss_types ({types})")
+    paired = dict(zip(types, factors))
+    for kind in ("device", "comm"):
+        require(not paired.get(kind), key, list(factors),
+                f"gives the {kind!r} balance loss factor {paired.get(kind)!r}; mindpretrain implements only the "
+                "'expert' loss, set the others to 0")
+    return paired.get("expert", 0.0)
+
+
+def _check_required_moe_values(moe):
+    """Refuse MoEConfig values that would describe another router (softmax gating, z-loss, gated shared expert)."""
+    for key, accepted in _REQUIRED_MOE_VALUES.items():
+        if key in moe:
+            value = moe.pop(key)
+            require(value in accepted, f"moe_config.{key}", value, f"must be {accepted[0]!r}: this implementation is DeepSeek-V3's sigmoid router without them")
 
 
 def _training_field(default):
@@ -238,9 +291,12 @@ class DeepseekV3Config:
 
     def __init__(self, **kwargs):
         """Canonical names or MindFormers aliases; unknown keys, contradictions and invalid values raise."""
-        values = self._canonical(kwargs)
+        values, no_effect = self._canonical(kwargs)
         for name, default in self._defaults().items():
             setattr(self, name, copy.deepcopy(values.get(name, default)))
+        self.no_effect_keys = no_effect
+        """Keys accepted without effect (MindFormers kernel switches, inference settings, ...), dotted and in the
+        order given; `mindpretrain.model_builder` prefixes them with their place in the run YAML."""
         self._validate()
 
     @classmethod
@@ -256,7 +312,6 @@ class DeepseekV3Config:
         return (
             ("num_layers", "num_hidden_layers"),
             ("num_heads", "num_attention_heads"),
-            ("n_kv_heads", "num_key_value_heads"),
             ("theta", "rope_theta"),
             ("init_method_std", "initializer_range"),
             ("mtp_depth", "num_nextn_predict_layers"),
@@ -274,8 +329,7 @@ class DeepseekV3Config:
             ("moe_config.topk_group", "topk_group"),
             ("moe_config.topk_bias_update_rate", "topk_bias_update_rate"),
             ("moe_config.norm_topk_prob", "norm_topk_prob"),
-            ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # MindFormers list form, first entry
-            ("moe_config.aux_loss_factor", "seq_balance_loss_alpha"),
+            ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # its "expert" entry (see _aux_loss)
         )
 
     @classmethod
@@ -284,7 +338,7 @@ class DeepseekV3Config:
 
     @classmethod
     def _canonical(cls, kwargs):
-        """Constructor arguments (canonical names, aliases, ignored keys) -> {canonical name: value}."""
+        """Constructor arguments (canonical names, aliases, no-op keys) -> ({canonical name: value}, no-op keys)."""
         kwargs = dict(kwargs)
         moe = kwargs.pop("moe_config", None) or {}
         if not isinstance(moe, dict):
@@ -299,10 +353,6 @@ class DeepseekV3Config:
 
         def put(canonical, value, source):
             if canonical in values and values[canonical] != value:
-                if source == "moe_config.aux_loss_factor":
-                    logger.info("moe_config.aux_loss_factor (%r) ignored: moe_config.aux_loss_factors (%r) "
-                                "sets seq_balance_loss_alpha", value, values[canonical])
-                    return
                 raise ConfigError(f"{source} ({value!r}) contradicts {origin[canonical]} "
                                   f"({values[canonical]!r}): both set {canonical}")
             values[canonical], origin[canonical] = value, source
@@ -311,20 +361,25 @@ class DeepseekV3Config:
         for key in list(kwargs):
             if key in defaults:
                 put(key, kwargs.pop(key), key)
+        if "aux_loss_factors" in moe:
+            put("seq_balance_loss_alpha", _expert_aux_loss_factor(moe.pop("aux_loss_factors"),
+                                                                  moe.pop("aux_loss_types", None)),
+                "moe_config.aux_loss_factors")
+        moe.pop("aux_loss_types", None)
+        if moe.get("balance_via_topk_bias", True) is False:
+            put("topk_bias_update_rate", 0.0, "moe_config.balance_via_topk_bias")
+        moe.pop("balance_via_topk_bias", None)
         for alias, canonical in cls.mindformers_aliases():
             table, key = (moe, alias.split(".", 1)[1]) if alias.startswith("moe_config.") else (kwargs, alias)
-            if key not in table:
-                continue
-            value = table.pop(key)
-            if alias == "moe_config.aux_loss_factors":
-                require(isinstance(value, (list, tuple)) and len(value) >= 1, alias, value,
-                        "must be a non-empty list (its first entry is the sequence-wise balance loss factor)")
-                value = value[0]
-            put(canonical, value, alias)
+            if key in table:
+                put(canonical, table.pop(key), alias)
+        _check_required_moe_values(moe)
         cls._refuse_unknown(sorted(set(kwargs) - _IGNORED) + sorted(f"moe_config.{key}"
                                                                     for key in set(moe) - _IGNORED_MOE))
         _check_required_hf_values(kwargs)
-        return values
+        no_effect = [key for key in kwargs] + [f"moe_config.{key}" for key in moe]
+        no_effect = tuple(key for key in no_effect if key not in _READ_ELSEWHERE)
+        return values, no_effect
 
     @classmethod
     def _refuse_unknown(cls, unknown):
@@ -499,7 +554,9 @@ class DeepseekV3Config:
         if len(set(self.recompute)) == 1:
             values["recompute"] = self.recompute[0]
         values.update(changes)
-        return type(self)(**values)
+        copied = type(self)(**values)
+        copied.no_effect_keys = self.no_effect_keys
+        return copied
 
     def __eq__(self, other):
         return isinstance(other, DeepseekV3Config) and self.to_dict() == other.to_dict()

@@ -10,6 +10,10 @@ Accepted storage: F32, BF16, F16, and the release's fp8 (F8_E4M3 + `<name>_scale
 dequantised in float32). The MTP copies of embedding and head that the release stores
 (`weight_mapping.release_duplicates`) are compared with the tensor they copy and then ignored (our MTP shares
 them); a difference is logged. Tensors under `optimizer.` (training checkpoints) are ignored.
+
+A checkpoint saved by MindFormers under its own names (`mindformers_weights`, detected from the names) is read
+through its translation: each of our tensors is derived from the MindFormers tensors it was split or stacked
+into, and checked and loaded like any other.
 """
 import re
 
@@ -18,9 +22,10 @@ import numpy as np
 from mindspore import Tensor
 
 from mindpretrain.checkpoint import fp8
-from mindpretrain.checkpoint.safetensors_io import OpenFiles, read_checkpoint_dir
+from mindpretrain.checkpoint.safetensors_io import OpenFiles, decode, read_checkpoint_dir
 from mindpretrain.model_spec import WeightsMismatchError
 from mindpretrain.utils.logging import get_logger
+from research.deepseek3.mindformers_weights import MINDFORMERS_LAYOUT
 from research.deepseek3.weight_mapping import hf_parameter_shapes, release_duplicates
 
 logger = get_logger("deepseek3.hf_weights")
@@ -28,6 +33,7 @@ logger = get_logger("deepseek3.hf_weights")
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 IGNORED_PREFIXES = ("optimizer.",)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+DERIVED = "<derived from MindFormers names>"     # the `located` path of a tensor made by a translation
 
 
 class CheckpointMismatchError(WeightsMismatchError):
@@ -39,12 +45,15 @@ def _layer_index(name):
     return int(match.group(1)) if match else None
 
 
-def plan_load(model_config, located, files, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES):
+def plan_load(model_config, located, files, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES,
+              problems=None):
     """Check headers only. -> (sources {name: (path, scale_path or None)}, duplicates {copy: (path, source)},
-    notes) or raise CheckpointMismatchError listing every problem."""
+    notes) or raise CheckpointMismatchError listing every problem (`problems`: found before, e.g. by a
+    translation)."""
     expected = hf_parameter_shapes(model_config)
     duplicates = release_duplicates(model_config)
-    problems = {"missing": [], "unexpected": [], "misshaped": [], "unreadable": []}
+    problems = problems or {}
+    problems = {key: list(problems.get(key, [])) for key in ("missing", "unexpected", "misshaped", "unreadable")}
     sources, copies = {}, {}
     for name, path in located.items():
         if name.endswith(fp8.SCALE_SUFFIX) and name[:-len(fp8.SCALE_SUFFIX)] in located:
@@ -121,17 +130,70 @@ def _read(files, name, path, scale_path):
     return fp8.dequantise(handle.get_raw(name), scale, "float32")
 
 
-def load_hf_weights(model, path, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES):
+class DerivedFiles:
+    """`OpenFiles` plus the tensors of a translation: `files(DERIVED)` answers for the derived tensors."""
+
+    def __init__(self, files, derived, located):
+        self.files, self.derived, self.located = files, derived, located
+
+    def __call__(self, path):
+        return self if path == DERIVED else self.files(path)
+
+    def _sources(self, name):
+        """[(stored dtype, stored bits)] of the tensors `name` is derived from."""
+        return [(self.files(self.located[source]).info(source)[0], self.files(self.located[source]).get_raw(source))
+                for source in self.derived[name].sources]
+
+    def info(self, name):
+        dtypes = {dtype for dtype, _ in self._sources(name)}
+        return (dtypes.pop() if len(dtypes) == 1 else "F32"), self.derived[name].shape
+
+    def get(self, name):
+        """float32 values; the rearrangement runs on the stored bits (mixed dtypes: on float32 values)."""
+        sources, derive = self._sources(name), self.derived[name].derive
+        if len({dtype for dtype, _ in sources}) == 1:
+            return np.asarray(decode(sources[0][0], derive(*[raw for _, raw in sources])), dtype=np.float32)
+        return derive(*[np.asarray(decode(dtype, raw), dtype=np.float32) for dtype, raw in sources])
+
+    def close(self):
+        self.files.close()
+
+
+def translate_foreign(model_config, located, files, drop_mtp=False):
+    """(located, files, problems): a MindFormers-named checkpoint seen under our names (unchanged otherwise)."""
+    if not MINDFORMERS_LAYOUT.detect(located):
+        return located, files, {}
+    found = {name: tuple(files(file).info(name)[1]) for name, file in located.items()}
+    derived, unconsumed, misshaped = MINDFORMERS_LAYOUT.translate(model_config, found)
+    if drop_mtp:
+        unconsumed = [name for name in unconsumed if not MINDFORMERS_LAYOUT.is_mtp(model_config, name)]
+    logger.info("the checkpoint holds MindFormers names: %d of our tensors are read from them", len(derived))
+    problems = {"unexpected": [f"{name} (a MindFormers name no tensor of this model reads)" for name in unconsumed],
+                "misshaped": misshaped}
+    return {name: DERIVED for name in derived}, DerivedFiles(files, derived, located), problems
+
+
+def _without_mtp_tensors(model_config, located):
+    """`located` without the checkpoint's MTP layers (drop: a model without MTP ignores them)."""
+    return {name: file for name, file in located.items()
+            if (_layer_index(name) if _layer_index(name) is not None else -1) < model_config.num_hidden_layers}
+
+
+def load_hf_weights(model, path, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES, drop_mtp=False):
     """Load `path` into `model` (a DeepseekV3ForCausalLM). Returns a summary dict.
 
     allow_missing_mtp: accept a checkpoint without any MTP tensors (e.g. saved by transformers, whose
     DeepseekV3ForCausalLM has no MTP); the MTP modules then keep their values. A partial MTP is still an error.
+    drop_mtp: the model has no MTP; the checkpoint's MTP layers (if any) are skipped.
     """
     model_config = model.model_config
-    located = read_checkpoint_dir(path)
-    files = OpenFiles()
+    located, files = read_checkpoint_dir(path), OpenFiles()
     try:
-        sources, copies, notes = plan_load(model_config, located, files, allow_missing_mtp, ignore_prefixes)
+        located, files, problems = translate_foreign(model_config, located, files, drop_mtp)
+        if drop_mtp:
+            located = _without_mtp_tensors(model_config, located)
+        sources, copies, notes = plan_load(model_config, located, files, allow_missing_mtp, ignore_prefixes,
+                                           problems)
         values = {name: _read(files, name, file, scale) for name, (file, scale) in sources.items()}
         for copy, (file, source) in copies.items():
             duplicate = _read(files, copy, file, None)

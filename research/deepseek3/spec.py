@@ -8,6 +8,7 @@ first call.
 from mindpretrain.model_spec import ModelSpec, PlanningHooks, ShardTable, register_spec
 from research.deepseek3 import planning, sharding
 from research.deepseek3.deepseek3_config import DeepseekV3Config
+from research.deepseek3.mindformers_weights import MINDFORMERS_LAYOUT
 from research.deepseek3.parameter_count import count_parameters
 from research.deepseek3.weight_mapping import parameter_specs, release_duplicates
 
@@ -29,11 +30,18 @@ def describe(model_config):
     return ", ".join(f"{name}={getattr(model_config, name)}" for name in _DESCRIBED_FIELDS)
 
 
-def load_hf_weights(model, path, allow_missing_mtp=False):
+def load_hf_weights(model, path, allow_missing_mtp=False, drop_mtp=False):
     """`research.deepseek3.hf_weights.load_hf_weights`, imported on first use (it imports MindSpore)."""
     from research.deepseek3 import hf_weights
 
-    return hf_weights.load_hf_weights(model, path, allow_missing_mtp=allow_missing_mtp)
+    return hf_weights.load_hf_weights(model, path, allow_missing_mtp=allow_missing_mtp, drop_mtp=drop_mtp)
+
+
+def without_mtp(model_config):
+    """The same model without multi-token prediction (a per-layer recompute list loses its MTP entries)."""
+    recompute = list(model_config.recompute)[:model_config.num_hidden_layers]
+    return model_config.replace(num_nextn_predict_layers=0,
+                                recompute=recompute[0] if len(set(recompute)) == 1 else recompute)
 
 
 SHARD_TABLE = ShardTable(weight_kinds=sharding.WEIGHT_KINDS, op_symbols=sharding.OP_SYMBOLS,
@@ -60,4 +68,6 @@ DEEPSEEK_V3_SPEC = register_spec(ModelSpec(
     load_hf_weights=load_hf_weights,
     shard_table=SHARD_TABLE,
     planning=PLANNING,
+    without_mtp=without_mtp,
+    foreign_layouts=(MINDFORMERS_LAYOUT,),
 ))

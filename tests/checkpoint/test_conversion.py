@@ -13,7 +13,8 @@ import pytest
 
 from conftest import require_reference
 from hf_reference import (build_tiny_hf_deepseek_v3, hf_logits, is_fp8_quantised_in_release,
-                          quantise_checkpoint_fp8, torch_block_dequantise, torch_block_quantise)
+                          quantise_checkpoint_fp8, read_checkpoint_bits as read_bits, torch_block_dequantise,
+                          torch_block_quantise)
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.conversion import (NATIVE_MARKER, ConversionError, convert_hf_to_native,
                                                 convert_native_to_hf)
@@ -23,15 +24,6 @@ import research.deepseek3  # noqa: F401  (registers the DeepSeek-V3 model spec t
 torch = transformers = None      # test-only references, imported by the autouse fixture below (skip if absent)
 
 TOKENS = np.random.RandomState(7).randint(0, 512, size=(2, 12))
-
-
-def read_bits(directory):
-    """{name: (dtype, stored bits)} of a checkpoint directory."""
-    out = {}
-    for name, path in read_checkpoint_dir(directory).items():
-        with open_safetensors(path) as handle:
-            out[name] = (handle.info(name)[0], np.array(handle.get_raw(name)))
-    return out
 
 
 def torch_bits(tensor):

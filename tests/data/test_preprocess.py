@@ -89,7 +89,7 @@ def wikitext_runs(valid_slice, deepseek_tokenizer_json, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"workers{workers}")
         argv = ["--input", str(valid_slice), "--output-prefix", str(out / "wiki"),
                 "--vocab-file", str(deepseek_tokenizer_json), "--seq-length", "4096",
-                "--workers", str(workers), "--log-interval", "3"]
+                "--workers", str(workers), "--log-interval", "3", "--document-unit", "article"]
         assert wikitext_to_bin.main(argv) == 0
         runs[workers] = out / "wiki_text_document"
     return runs
@@ -118,7 +118,8 @@ def test_cli_as_a_script_with_default_tokenizer(valid_slice, wikitext_runs, deep
     env = dict(os.environ, MINDPRETRAIN_CACHE=str(tmp_path / "cache"))
     result = subprocess.run(
         [sys.executable, "research/deepseek3/wikitext_to_bin.py", "--input", str(valid_slice),
-         "--output-prefix", str(tmp_path / "cli"), "--seq-length", "4096", "--worker", "2"],
+         "--output-prefix", str(tmp_path / "cli"), "--seq-length", "4096", "--worker", "2",
+         "--document-unit", "article"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     tokens = IndexedDataset(str(wikitext_runs[1])).num_tokens
@@ -133,7 +134,8 @@ def test_cli_as_a_script_with_default_tokenizer(valid_slice, wikitext_runs, deep
 
 def test_progress_summary_and_seq_length_warning(valid_slice, deepseek_tokenizer_json, tmp_path, capsys):
     argv = ["--input", str(valid_slice), "--output-prefix", str(tmp_path / "w"), "--vocab-file",
-            str(deepseek_tokenizer_json), "--seq-length", "1000000", "--log-interval", "1"]
+            str(deepseek_tokenizer_json), "--seq-length", "1000000", "--log-interval", "1",
+            "--document-unit", "article"]
     assert wikitext_to_bin.main(argv) == 0
     err = capsys.readouterr().err
     assert re.search(r"processed \d+ documents \([\d.]+ docs/s, [\d,]+ tokens/s, [\d.]+ MB/s\)", err)
@@ -205,7 +207,7 @@ def test_small_vocabulary_gets_uint16(small_vocab_tokenizer, tmp_path):
     source = tmp_path / "small.tokens"
     source.write_text(SMALL_WIKI, encoding="utf-8")
     argv = ["--input", str(source), "--output-prefix", str(tmp_path / "small"), "--vocab-file",
-            str(small_vocab_tokenizer), "--workers", "2"]
+            str(small_vocab_tokenizer), "--workers", "2", "--document-unit", "article"]
     assert wikitext_to_bin.main(argv) == 0
     from tokenizers import Tokenizer
 
@@ -239,7 +241,7 @@ def test_sentencepiece(tmp_path):
                                              vocab_size=100, model_type="bpe", minloglevel=2)
     source = make_corpus(tmp_path, 3)
     argv = ["--input", str(source), "--output-prefix", str(tmp_path / "sp"), "--tokenizer-type", "SentencePiece",
-            "--vocab-file", str(tmp_path / "sp.model"), "--workers", "2"]
+            "--vocab-file", str(tmp_path / "sp.model"), "--workers", "2", "--document-unit", "article"]
     assert wikitext_to_bin.main(argv) == 0
     reference = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     dataset, docs = documents(tmp_path / "sp_text_document")
@@ -336,7 +338,8 @@ def test_empty_wikitext(dirs, small_vocab_tokenizer, capsys):
     source = dirs[0] / "wiki.tokens"
     source.write_text(" \n \n", encoding="utf-8")
     err = run_failing(wikitext_to_bin, ["--input", str(source), "--output-prefix", str(dirs[1] / "w"),
-                                        "--vocab-file", str(small_vocab_tokenizer)], dirs[1], capsys)
+                                        "--vocab-file", str(small_vocab_tokenizer), "--document-unit", "article"],
+                      dirs[1], capsys)
     assert f"{source}: no tokens for" in err and "nothing was written" in err
 
 
@@ -352,7 +355,8 @@ def test_missing_output_directory(dirs, small_vocab_tokenizer, capsys):
     source = dirs[0] / "wiki.tokens"
     source.write_text(SMALL_WIKI, encoding="utf-8")
     err = run_failing(wikitext_to_bin, ["--input", str(source), "--output-prefix", str(dirs[1] / "no" / "w"),
-                                        "--vocab-file", str(small_vocab_tokenizer)], dirs[1], capsys)
+                                        "--vocab-file", str(small_vocab_tokenizer), "--document-unit", "article"],
+                      dirs[1], capsys)
     assert str(dirs[1] / "no") in err and "does not exist" in err
 
 

@@ -14,6 +14,7 @@ from mindspore import Tensor, nn, ops
 from mindpretrain import registry
 from mindpretrain.checkpoint.safetensors_io import read_checkpoint_dir, save_safetensors, load_safetensors
 from mindpretrain.config import load_config
+from mindpretrain.model_builder import build_model_config
 from mindpretrain.validation import ConfigError
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
@@ -93,7 +94,8 @@ def test_671b_release_names():
 
 
 def test_1b_and_tiny_yaml_configs():
-    model_config_1b = DeepseekV3Config(**yaml_model_config(CONFIG_1B))
+    # MindFormers' layout: moe_config and the bias callback sit outside model.model_config (build_model_config)
+    model_config_1b = build_model_config(load_config(str(CONFIG_1B)))
     assert (model_config_1b.hidden_size, model_config_1b.num_hidden_layers, model_config_1b.n_routed_experts,
             model_config_1b.first_k_dense_replace) == (2048, 3, 16, 1)
     counts = count_parameters(model_config_1b)

@@ -158,3 +158,22 @@ def test_pipeline_stages_assigned_to_the_model_cells():
     # the MTP block reads the embedding through its own cell on the last stage, holding the stage-0 Parameter
     assert model.model.layers[3].embed_tokens.pipeline_stage == 1 and model.model.embed_tokens.pipeline_stage == 0
     assert model.model.layers[3].embed_tokens.weight is model.model.embed_tokens.weight
+
+
+def test_optimizer_weight_shard_size_from_either_mindformers_place():
+    run_config = {"parallel_config": {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2},
+                  "parallel": {"enable_parallel_optimizer": True,
+                               "parallel_optimizer_config": {"optimizer_weight_shard_size": 8}}}
+    config = ParallelConfig.from_run_config(run_config)
+    assert config.optimizer_weight_shard_size == 8
+    assert config.parallel_optimizer_context == {"optimizer_weight_shard_size": 8}
+    assert ParallelConfig.from_dict({"optimizer_weight_shard_size": 4}).optimizer_weight_shard_size == 4
+    assert ParallelConfig.from_dict({}).parallel_optimizer_context == {}    # -1: the whole group, nothing to set
+    unsharded = ParallelConfig.from_dict({"optimizer_weight_shard_size": 4}, enable_parallel_optimizer=False)
+    assert unsharded.parallel_optimizer_context == {}
+    with pytest.raises(ConfigError, match="set it in one place"):
+        ParallelConfig.from_dict({"optimizer_weight_shard_size": 4}, optimizer_weight_shard_size=8)
+    with pytest.raises(ConfigError, match="optimizer_weight_shard_size"):
+        ParallelConfig.from_dict({"optimizer_weight_shard_size": 0})
+    with pytest.raises(ConfigError, match="did you mean optimizer_weight_shard_size"):
+        ParallelConfig.from_dict({"optimizer_weight_shard_sise": 8})

@@ -20,8 +20,8 @@ from mindpretrain.training.lr_schedule import ConstantWarmUpLR, CosineWithWarmUp
 LAUNCHER = PROJECT_ROOT / "scripts" / "msrun_launcher.sh"
 
 
-def dry_run(*args):
-    env = dict(os.environ, MSRUN_LAUNCHER_DRY_RUN="1")
+def dry_run(*args, env=None):
+    env = dict(os.environ, MSRUN_LAUNCHER_DRY_RUN="1", **(env or {}))
     result = subprocess.run(["bash", str(LAUNCHER), *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
                             text=True, timeout=60)
     return result.returncode, result.stdout, result.stderr
@@ -248,3 +248,133 @@ def test_ascend_yamls_resolve_to_a_semi_auto_plan(name, devices):
         assert wrapping is None
 
 
+
+
+# --- what a failed run prints: one line for a user's mistake, a traceback for a bug -----------------------------
+
+STANDIN = PROJECT_ROOT / "tests" / "standin_model"
+
+
+def run_entry_point(tmp_path, *args, environ=None):
+    """`python run_mindformer.py <stand-in run> args` in a fresh process: (exit code, stderr)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GLOG_", "MINDPRETRAIN_TRACE"))}
+    env.update(environ or {})
+    command = [sys.executable, str(PROJECT_ROOT / "run_mindformer.py"), "--config", str(STANDIN / "train.yaml"),
+               "--register_path", str(STANDIN), "--output_dir", str(tmp_path / "out"), "--device_target", "CPU",
+               "--model.model_config.vocab_size=256", *args]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stderr
+
+
+def typo_yaml(tmp_path):
+    """The stand-in run with MindFormers' `warmup_steps` misspelt in the LR schedule."""
+    text = (STANDIN / "train.yaml").read_text()
+    assert "  warmup_steps: 2\n" in text
+    path = tmp_path / "typo.yaml"
+    path.write_text(text.replace("  warmup_steps: 2\n", "  warmup_stepz: 2\n"))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing data prefix", "typo key", "bad register path"])
+def test_user_error_ends_the_run_with_one_line(tmp_path, case):
+    """Exit 1 and a stderr of our own log lines plus one `run_mindformer.py: error:` line naming the cause."""
+    pytest.importorskip("mindspore")
+    from msrun_helpers import sort_log_lines
+
+    missing = tmp_path / "no_such_corpus"
+    data = f"--train_dataset.data_loader.config.data_path=[{missing}]"
+    args, cause = {
+        "missing data prefix": ((data,), f"{missing}.idx"),
+        "typo key": (("--config", str(typo_yaml(tmp_path)), data), "warmup_stepz"),
+        "bad register path": ((data, "--register_path", str(tmp_path / "plugins")), str(tmp_path / "plugins")),
+    }[case]
+    code, stderr = run_entry_point(tmp_path, *args)
+    errors, foreign = sort_log_lines(stderr)
+    assert code == 1, stderr
+    assert "Traceback" not in stderr and foreign == [], stderr
+    assert len(errors) == 1 and cause in errors[0], stderr
+    assert stderr.rstrip("\n").splitlines()[-1] == errors[0]  # the last word is the cause
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """An exception that is no user error (here a plugin that fails to import) is re-raised as it was."""
+    pytest.importorskip("mindspore")
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "broken_plugin.py").write_text("raise RuntimeError('plugin bug 1234')\n")
+    code, stderr = run_entry_point(tmp_path, "--register_path", str(plugins))
+    assert code == 1 and "Traceback (most recent call last)" in stderr
+    assert stderr.rstrip("\n").splitlines()[-1] == "RuntimeError: plugin bug 1234"
+    assert "run_mindformer.py: error:" not in stderr
+
+
+def test_traceback_of_user_errors_on_request(tmp_path):
+    code, stderr = run_entry_point(tmp_path, "--register_path", str(tmp_path / "plugins"),
+                                   environ={"MINDPRETRAIN_TRACEBACK": "1"})
+    assert code == 1 and "Traceback (most recent call last)" in stderr
+    assert stderr.rstrip("\n").splitlines()[-1].startswith("FileNotFoundError: --register_path")
+
+
+def test_error_line_wording():
+    import run_mindformer
+    from mindpretrain.registry import RegistryError
+
+    listed = ConfigError("checkpoint x does not fit:\n  a.weight: [2, 2]\n  b.weight: [3]\n")
+    assert run_mindformer.error_line(listed, {}) == ("run_mindformer.py: error: checkpoint x does not fit: "
+                                                     "a.weight: [2, 2]; b.weight: [3]")
+    missing = FileNotFoundError(2, "No such file or directory", "/data/wiki.idx")
+    assert run_mindformer.error_line(missing, {}) == "run_mindformer.py: error: No such file or directory: /data/wiki.idx"
+    assert run_mindformer.error_line(RegistryError("no model named 'X'"), {}) == \
+        "run_mindformer.py: error: no model named 'X'"
+    assert run_mindformer.error_line(KeyError("x"), {}) is None and run_mindformer.error_line(OSError(28, "full"), {}) is None
+    # msrun's scheduler runs the script too: its init() fails because workers did; the first line says which
+    scheduler = RuntimeError("The total number of timed out node is 2.\n\n-----\n- C++ Call Stack:\n-----\nx.cc:554")
+    assert run_mindformer.error_line(scheduler, {"MS_ROLE": "MS_SCHED"}) == \
+        "run_mindformer.py: error: msrun scheduler: The total number of timed out node is 2."
+    assert run_mindformer.error_line(scheduler, {"MS_ROLE": "MS_WORKER"}) is None
+
+
+@pytest.mark.parametrize("user_level, expected", [(None, "3"), ("1", "1")])
+def test_mindspore_log_level_defaults_to_errors_only(user_level, expected):
+    """MindSpore itself reads the level run_mindformer.py leaves before importing it (GLOG_v kept when set)."""
+    pytest.importorskip("mindspore")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GLOG_")}
+    if user_level is not None:
+        env["GLOG_v"] = user_level
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import run_mindformer; "
+              "run_mindformer.quiet_mindspore_logs(os.environ); import mindspore.log; print(mindspore.log.get_level())")
+    result = subprocess.run([sys.executable, "-c", script, str(PROJECT_ROOT)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def launcher_environment(tmp_path, **glog):
+    """The GLOG_* environment msrun would get from the launcher: a stand-in msrun prints what it received."""
+    fake_bin = tmp_path / "venv" / "bin"
+    fake_bin.mkdir(parents=True)
+    (fake_bin / "msrun").write_text("#!/usr/bin/env bash\nenv | grep '^GLOG_' | sort\n")
+    (fake_bin / "msrun").chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GLOG_")}
+    env.update(glog, MINDPRETRAIN_VENV=str(tmp_path / "venv"))
+    result = subprocess.run(["bash", str(LAUNCHER), "run_mindformer.py", "2", "2", "127.0.0.1", "8118", "0",
+                             str(tmp_path / "logs"), "True"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith("GLOG_"))
+
+
+def test_launcher_quiets_mindspore_unless_the_user_chose(tmp_path):
+    quiet = launcher_environment(tmp_path / "default")
+    assert quiet == {"GLOG_v": "3", "GLOG_logtostderr": "0", "GLOG_stderrthreshold": "3",
+                     "GLOG_log_dir": str(tmp_path / "default" / "logs" / "mindspore")}
+    assert (tmp_path / "default" / "logs" / "mindspore").is_dir()
+    assert launcher_environment(tmp_path / "chosen", GLOG_v="1") == {"GLOG_v": "1"}
+    own_dir = str(tmp_path / "own")
+    files = launcher_environment(tmp_path / "files", GLOG_v="2", GLOG_logtostderr="0", GLOG_log_dir=own_dir)
+    assert files == {"GLOG_v": "2", "GLOG_logtostderr": "0", "GLOG_log_dir": own_dir, "GLOG_stderrthreshold": "2"}
+
+
+def test_launcher_refuses_a_log_level_mindspore_would_refuse():
+    code, out, err = dry_run("run_mindformer.py", "2", env={"GLOG_v": "debug"})
+    assert code == 2 and out == "" and "GLOG_v (debug) must be a MindSpore log level" in err
