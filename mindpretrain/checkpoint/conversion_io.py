@@ -3,7 +3,7 @@
 Why a writer of its own next to `safetensors_io.SafetensorsWriter`: a conversion knows every output name, dtype
 and shape before it starts (the plan), so the header can be written first and tensor bytes streamed straight
 behind it in slabs of ~64 MB. Nothing of a shard is held in memory and nothing is written twice (the generic
-writer appends to a scratch file and copies it behind the header at close). Reading goes through the lead's
+writer appends to a scratch file and copies it behind the header at close). Reading goes through safetensors_io's
 memory-mapped `open_safetensors`; peak memory is the pages of the source shard touched so far plus one slab.
 """
 import json
