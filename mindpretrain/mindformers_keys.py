@@ -33,8 +33,6 @@ _HOST_LOOP = "the trainer steps on the host, one compiled step per call (no data
 _ASCEND_TUNING = "an Ascend compiler/communication tuning switch that mindpretrain does not pass on"
 _FIXED_PIPELINE = "the data pipeline fixes it (drop_remainder on, no repeat, no multiprocessing, no prefetch tuning)"
 _NO_LR_SCALE = "no learning-rate scaling by device count"
-_SHARD_SIZE = ("validated into ParallelConfig.optimizer_weight_shard_size; not yet passed to MindSpore's "
-               "auto-parallel context (the optimizer state is split over the whole group)")
 _COMM_RECOMPUTE = "communication recompute is not modelled: recompute modes act on whole layers or the attention core"
 
 _TOP_LEVEL = {
@@ -94,7 +92,7 @@ _PARALLEL = {
 _PARALLEL_OPTIMIZER_CONFIG = {
     "gradient_accumulation_shard": "read by tools/plan.py for the memory estimate only",
     "parallel_optimizer_threshold": "read by tools/plan.py for the memory estimate only",
-    "optimizer_weight_shard_size": _SHARD_SIZE,
+    "optimizer_weight_shard_size": HONOURED,
     "optimizer_level": "MindSpore's default optimizer-shard level is used",
 }
 
@@ -103,7 +101,7 @@ _PARALLEL_CONFIG = {
     "data_parallel": HONOURED, "model_parallel": HONOURED, "expert_parallel": HONOURED,
     "pipeline_stage": HONOURED, "micro_batch_num": HONOURED, "use_seq_parallel": HONOURED,
     "vocab_emb_dp": HONOURED, "optimizer_shard": HONOURED, "offset": HONOURED,
-    "expert_model_parallel": HONOURED, "optimizer_weight_shard_size": _SHARD_SIZE,
+    "expert_model_parallel": HONOURED, "optimizer_weight_shard_size": HONOURED,
     "context_parallel": HONOURED, "seq_split_num": HONOURED, "context_parallel_algo": HONOURED,
     "ulysses_degree_in_cp": HONOURED, "recompute": HONOURED,   # refused with a pointer by ParallelConfig
     "gradient_aggregation_group": "MindSpore groups the gradient all-reduces itself",

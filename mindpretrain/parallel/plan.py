@@ -67,6 +67,8 @@ def _semi_auto_plan(world_size, parallel_config):
                "device_num": world_size, "pipeline_stages": parallel_config.pipeline_stage,
                "enable_parallel_optimizer": bool(parallel_config.optimizer_shard),
                "enable_alltoall": parallel_config.expert_parallel > 1}
+    if parallel_config.parallel_optimizer_context:   # e.g. optimizer_weight_shard_size: 8 (MindFormers' guide)
+        context["parallel_optimizer_config"] = dict(parallel_config.parallel_optimizer_context)
     factor = parallel_config.data_parallel * (parallel_config.micro_batch_num if parallel_config.pipeline_stage > 1
                                                else 1)
     return ParallelPlan(SEMI_AUTO_PARALLEL, world_size, 1, 0, full_batch=True, batch_size_factor=factor,

@@ -138,6 +138,7 @@ class FakeParallelConfig:
         self.data_parallel, self.model_parallel, self.pipeline_stage = dp, mp, pp
         self.micro_batch_num = micro_batch_num
         self.expert_parallel, self.optimizer_shard = ep, optimizer_shard
+        self.parallel_optimizer_context = {}
 
     @property
     def device_num(self):

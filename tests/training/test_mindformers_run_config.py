@@ -62,6 +62,14 @@ def test_guide_yaml_keeps_its_optimizer_shard_size():
     assert layout.optimizer_weight_shard_size == 8
     assert layout.parallel_optimizer_context == {"optimizer_weight_shard_size": 8}
     assert layout.device_num == 8
+    # handed to MindSpore's auto-parallel context on Ascend; the 671B YAML sets no size, so nothing is passed
+    from mindpretrain.parallel.plan import plan_parallel
+
+    context = plan_parallel("Ascend", True, 8, 0, layout).context
+    assert context["parallel_optimizer_config"] == {"optimizer_weight_shard_size": 8}
+    published = ParallelConfig.from_run_config(load_config(str(DATA / "pretrain_deepseek3_671b.yaml")))
+    assert "parallel_optimizer_config" not in plan_parallel("Ascend", True, published.device_num, 0,
+                                                            published).context
 
 
 def test_671b_notice_lists_exactly_its_no_effect_keys(caplog):
