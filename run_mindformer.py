@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from mindpretrain.checkpoint.conversion import MTP_CHOICES  # noqa: E402
 from mindpretrain.config import load_config, parse_override_args  # noqa: E402
-
 from mindpretrain.validation import ConfigError  # noqa: E402
 
 RUN_MODES = ("train", "finetune")
@@ -64,7 +64,7 @@ def build_parser():
     parser.add_argument("--device_target", default=None, choices=("CPU", "Ascend", "cpu", "ascend"),
                         help="default: Ascend when CANN is installed, else CPU")
     parser.add_argument("--seed", type=int, default=None, help="default: the YAML's seed, else 0")
-    parser.add_argument("--mtp", choices=("require", "init", "drop"), default=None,
+    parser.add_argument("--mtp", choices=MTP_CHOICES, default=None,
                         help="--load_checkpoint weights without MTP layers (saved by transformers): init (default: "
                              "the MTP module starts fresh), drop (only for a YAML model without MTP), require (refuse)")
     return parser

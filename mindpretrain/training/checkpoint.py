@@ -44,7 +44,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 COMPLETE_MARKER = "COMPLETE"
-MTP_CHOICES = ("require", "init", "drop")   # --mtp: weights without MTP layers (the converter's choices too)
 OPTIMIZER_PREFIX = "optimizer."
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -364,14 +363,6 @@ class CheckpointManager:
             return
         self.loss_scaler.load_state_dict(saved)
 
-    def mtp_choice(self):
-        """`load_checkpoint_mtp` of the run (run_mindformer.py --mtp): require | init (default) | drop."""
-        run_config = getattr(self.settings, "run_config", None)
-        choice = run_config.get("load_checkpoint_mtp", "init") if run_config is not None else "init"
-        require(choice in MTP_CHOICES, "load_checkpoint_mtp", choice,
-                f"must be one of {', '.join(MTP_CHOICES)} (--mtp: what to do with weights without MTP layers)")
-        return choice
-
     def load_weights(self, path):
         """Model weights only (finetune / warm start): a native checkpoint, or a HuggingFace directory (or the
         same weights under MindFormers' names) read through the model's spec (`mindpretrain.model_spec`).
@@ -384,7 +375,7 @@ class CheckpointManager:
             check_shapes(path, self.expected_shapes())
             self._load_model_tensors(path)
         else:
-            self._load_hf_weights(path, self.mtp_choice())
+            self._load_hf_weights(path, self.settings.load_checkpoint_mtp)
         train_logger.info("loaded weights from %s", path)
 
     def _load_hf_weights(self, path, mtp):

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from mindpretrain import mindformers_keys
+from mindpretrain.checkpoint.conversion import MTP_CHOICES
 from mindpretrain.utils.logging import get_logger
 from mindpretrain.validation import require
 
@@ -64,6 +65,7 @@ class RunSettings:
     runner_wrapper: Any = None         # YAML `runner_wrapper` (loss scaling)
     data_loader: Any = None            # YAML `train_dataset.data_loader`
     num_parallel_workers: int = 1
+    load_checkpoint_mtp: str = "init"  # --mtp: weights without MTP layers (require | init | drop)
     no_effect_keys: tuple = ()         # accepted MindFormers keys that change nothing here (dotted names)
     run_config: Any = None
 
@@ -90,6 +92,7 @@ class RunSettings:
             runner_wrapper=run_config.get("runner_wrapper"),
             data_loader=run_config.get_path("train_dataset.data_loader"),
             num_parallel_workers=clamp_workers(run_config.get_path("train_dataset.num_parallel_workers", 1)),
+            load_checkpoint_mtp=run_config.get("load_checkpoint_mtp", "init"),
             no_effect_keys=no_effect_keys,
             run_config=run_config,
         )
@@ -130,6 +133,8 @@ class RunSettings:
                 self.on_data_exhausted, "must be 'stop' or 'next_epoch'")
         require(self.seq_length is not None, "train_dataset.data_loader.config.seq_length", self.seq_length,
                 "must be set (or model.model_config.seq_length)")
+        require(self.load_checkpoint_mtp in MTP_CHOICES, "load_checkpoint_mtp", self.load_checkpoint_mtp,
+                f"must be one of {', '.join(MTP_CHOICES)} (--mtp: what to do with weights without MTP layers)")
         kind = (self.runner_wrapper or {}).get("type")
         require(kind is None or kind in RUNNER_WRAPPERS, "runner_wrapper.type", kind,
                 f"must be one of {', '.join(RUNNER_WRAPPERS)} (the step is compiled by mindpretrain's own train step)")

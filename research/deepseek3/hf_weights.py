@@ -40,9 +40,10 @@ class CheckpointMismatchError(WeightsMismatchError):
     """The checkpoint does not fit the model; the message lists every problem found."""
 
 
-def _layer_index(name):
+def _is_mtp(model_config, name):
+    """Whether `name` belongs to an MTP module: `model.layers.{i}` with i >= num_hidden_layers."""
     match = _LAYER.match(name)
-    return int(match.group(1)) if match else None
+    return match is not None and int(match.group(1)) >= model_config.num_hidden_layers
 
 
 def plan_load(model_config, located, files, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES,
@@ -104,7 +105,7 @@ def _weight_source(name, path, expected_shape, located, files, problems):
 def _absent(model_config, expected, located, allow_missing_mtp):
     """(expected names the checkpoint lacks, notes): a checkpoint without any MTP layer may be allowed."""
     absent = [name for name in expected if name not in located]
-    mtp_names = {name for name in expected if (_layer_index(name) or -1) >= model_config.num_hidden_layers}
+    mtp_names = {name for name in expected if _is_mtp(model_config, name)}
     if allow_missing_mtp and mtp_names and mtp_names <= set(absent):
         note = (f"checkpoint has no MTP layers: the {model_config.num_nextn_predict_layers} MTP module(s) "
                 "keep their initial values (main-model logits are unaffected)")
@@ -175,8 +176,7 @@ def translate_foreign(model_config, located, files, drop_mtp=False):
 
 def _without_mtp_tensors(model_config, located):
     """`located` without the checkpoint's MTP layers (drop: a model without MTP ignores them)."""
-    return {name: file for name, file in located.items()
-            if (_layer_index(name) if _layer_index(name) is not None else -1) < model_config.num_hidden_layers}
+    return {name: file for name, file in located.items() if not _is_mtp(model_config, name)}
 
 
 def load_hf_weights(model, path, allow_missing_mtp=False, ignore_prefixes=IGNORED_PREFIXES, drop_mtp=False):

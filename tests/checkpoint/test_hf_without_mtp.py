@@ -135,10 +135,9 @@ def build_model(hf_dir, **overrides):
 def manager(model, mtp=None):
     from mindpretrain.training.checkpoint import CheckpointManager
 
-    run_config = {} if mtp is None else {"load_checkpoint_mtp": mtp}
     params = dict(model.parameters_and_names())
-    return CheckpointManager(types.SimpleNamespace(run_config=run_config), None, params, None, model=model,
-                             model_config=model.model_config)
+    settings = types.SimpleNamespace(load_checkpoint_mtp=mtp or "init")    # RunSettings' default: init
+    return CheckpointManager(settings, None, params, None, model=model, model_config=model.model_config)
 
 
 def logits_of(model):
@@ -183,11 +182,17 @@ def test_load_checkpoint_drop_needs_a_model_without_mtp(saved, mtp_model):
         manager(lean, "init").load_weights(saved["official"])
 
 
-def test_unknown_load_checkpoint_mtp_is_a_config_error(saved, mtp_model):
+def test_unknown_load_checkpoint_mtp_is_a_config_error():
+    """Refused when the run's settings are read, before any model is built."""
+    from mindpretrain.config import load_config
+    from mindpretrain.training.settings import RunSettings
     from mindpretrain.validation import ConfigError
 
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "deepseek3",
+                          "pretrain_deepseek3_tiny_cpu.yaml")
+    assert RunSettings.from_config(load_config(config, ["+load_checkpoint_mtp=drop"])).load_checkpoint_mtp == "drop"
     with pytest.raises(ConfigError, match="load_checkpoint_mtp"):
-        manager(mtp_model, "sometimes").load_weights(saved["hf_dir"])
+        RunSettings.from_config(load_config(config, ["+load_checkpoint_mtp=sometimes"]))
 
 
 def test_run_mindformer_flag_reaches_the_run_config():

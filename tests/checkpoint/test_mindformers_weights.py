@@ -172,7 +172,7 @@ def load(model, path):
     from mindpretrain.training.checkpoint import CheckpointManager
 
     params = dict(model.parameters_and_names())
-    CheckpointManager(types.SimpleNamespace(run_config={"load_checkpoint_mtp": "require"}), None, params, None,
+    CheckpointManager(types.SimpleNamespace(load_checkpoint_mtp="require"), None, params, None,
                       model=model, model_config=model.model_config).load_weights(path)
     return {name: param.asnumpy().copy() for name, param in params.items()}
 
