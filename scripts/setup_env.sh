@@ -29,10 +29,13 @@ if [ ! -f "$STAMP" ] || ! ls "$ROOT"/mindpretrain/data/_index_helpers*.so >/dev/
 fi
 
 if [ "$WITH_TESTS" = 1 ]; then
-    TEST_STAMP="$VENV/.mindpretrain-test-$(sha256sum "$ROOT/requirements-test.txt" | cut -c1-16)"
+    TEST_STAMP="$VENV/.mindpretrain-test-$(cat "$ROOT/requirements-test.txt" "$ROOT/requirements-test-nodeps.txt" | sha256sum | cut -c1-16)"
     if [ ! -f "$TEST_STAMP" ]; then
-        echo "[setup] installing test-only references (pytest, torch CPU, megatron-core)"
+        echo "[setup] installing test-only references (pytest, torch CPU, megatron-core, transformers, verl, trl)"
         "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-test.txt"
+        # RL references whose own pins clash with ours: installed without their dependencies (the tests stub
+        # the heavy imports they never use; see tests/rl/test_algorithms.py)
+        "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-test-nodeps.txt"
         touch "$TEST_STAMP"
     fi
 fi
