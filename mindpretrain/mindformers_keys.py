@@ -38,7 +38,7 @@ _COMM_RECOMPUTE = "communication recompute is not modelled: recompute modes act 
 _TOP_LEVEL = {
     "seed": HONOURED, "output_dir": HONOURED, "load_checkpoint": HONOURED, "resume_training": HONOURED,
     "load_checkpoint_mtp": HONOURED,   # ours: run_mindformer.py --mtp {require,init,drop}
-    "use_parallel": HONOURED, "run_mode": HONOURED, "register_path": HONOURED,
+    "use_parallel": HONOURED, "run_mode": HONOURED, "register_path": HONOURED, "predict_batch_size": HONOURED,
     "context": HONOURED, "parallel": HONOURED, "parallel_config": HONOURED, "runner_config": HONOURED,
     "runner_wrapper": HONOURED, "optimizer": HONOURED, "lr_schedule": HONOURED, "train_dataset": HONOURED,
     "train_dataset_task": HONOURED, "callbacks": HONOURED, "recompute_config": HONOURED, "model": HONOURED,
@@ -50,7 +50,7 @@ _TOP_LEVEL = {
     "micro_batch_interleave_num": "micro-batch interleaving is not implemented",
     "do_eval": _NO_EVAL, "eval_step_interval": _NO_EVAL, "eval_epoch_interval": _NO_EVAL,
     "eval_dataset": _NO_EVAL, "eval_dataset_task": _NO_EVAL, "eval_callbacks": _NO_EVAL, "metric": _NO_EVAL,
-    "processor": "data is tokenized offline (wikitext_to_bin.py, tools/preprocess_data.py)",
+    "processor": "read by run_mode predict (its tokenizer); training data is tokenized offline",
     "profile": _PROFILE, "profile_start_step": _PROFILE, "profile_stop_step": _PROFILE,
     "init_start_profile": _PROFILE, "profile_communication": _PROFILE, "profile_memory": _PROFILE,
     "profile_rank_ids": _PROFILE, "profile_pipeline": _PROFILE, "profile_level": _PROFILE,
@@ -111,7 +111,7 @@ _PARALLEL_CONFIG = {
 _RUNNER_CONFIG = {
     "epochs": HONOURED, "batch_size": HONOURED, "gradient_accumulation_steps": HONOURED, "train_steps": HONOURED,
     "max_consecutive_nan_steps": HONOURED, "data_exhausted": HONOURED, "device": HONOURED,
-    "device_peak_tflops": HONOURED, "log_param_checksum": HONOURED,
+    "device_peak_tflops": HONOURED, "log_param_checksum": HONOURED, "calculate_per_token_loss": HONOURED,
     "sink_mode": _HOST_LOOP, "sink_size": _HOST_LOOP, "per_epoch_size": _HOST_LOOP,
     "initial_epoch": "the resume position comes from the checkpoint",
     "initial_step": "the resume position comes from the checkpoint",
@@ -134,7 +134,9 @@ _TRAIN_DATASET = {
 }
 _DATA_LOADER = {"type": HONOURED, "datasets_type": HONOURED, "sizes": HONOURED, "config": CHECKED_BY_READER,
                 "shuffle": HONOURED, "column_names": HONOURED, "phase": HONOURED,
-                "dataset_dir": HONOURED}   # MindDataset's, refused with a pointer when the data is built
+                # MindDataset's (MindRecord finetune data)
+                "dataset_dir": HONOURED, "dataset_files": HONOURED, "seed": HONOURED, "seq_length": HONOURED,
+                "pad_token_id": HONOURED, "path_to_cache": HONOURED}
 _DATA_LOADER_CONFIG = {"num_dataset_builder_threads": "indices are built in C++ on one thread",
                        "mmap_bin_files": "the .bin files are always memory-mapped"}
 _DATASET_TASK = {"type": "the causal-LM dataset is the only one", "dataset_config": "a YAML alias of train_dataset"}

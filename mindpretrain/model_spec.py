@@ -137,7 +137,11 @@ class ModelSpec:
     then skipped), so only plugins that set `without_mtp` need to accept it. `config_from_hf(path,
     **overrides)` takes training fields (seq_length, compute_dtype, ...) that config.json does not hold.
     Optional: `without_mtp(model_config)` the same model without multi-token prediction (None: the family
-    has none); `foreign_layouts` other frameworks' names for the same weights (e.g. MindFormers').
+    has none); `foreign_layouts` other frameworks' names for the same weights (e.g. MindFormers');
+    `hf_config_ignored` the config.json keys a YAML may set differently from the checkpoint it loads
+    (`mindpretrain.checkpoint.hf_config_check`); `cached_decoder(model, batch_size, max_length)` a KV-cached
+    decoder of a built model with the interface of `mindpretrain.generation.sampling.CachedDecoder` (None: the
+    family cannot generate text).
     """
 
     name: str                                            # e.g. "deepseek_v3"
@@ -156,6 +160,8 @@ class ModelSpec:
     planning: Optional[PlanningHooks] = None             # None: the planner and MFU are unavailable
     without_mtp: Optional[Callable[[Any], Any]] = None   # model config -> the same model without MTP
     foreign_layouts: Optional[Tuple[WeightLayout, ...]] = None   # other frameworks' weight names
+    cached_decoder: Optional[Callable[..., Any]] = None  # (model, batch, max_length) -> decoder (generation)
+    hf_config_ignored: Tuple[str, ...] = ()              # config.json keys that do not change what weights compute
 
     def mtp_names(self, model_config):
         """(native MTP parameter names, MTP copies of the release layout): what `without_mtp` removes."""

@@ -90,3 +90,22 @@ def write_dataset(prefix, documents, dtype=np.int32):
         for document in documents:
             builder.add_document(document)
     return str(prefix)
+
+
+def write_sft_dataset(prefix, documents):
+    """An SFT prefix as tools/preprocess_sft_data.py writes it, from [(int32 tokens, uint8 target mask), ...]."""
+    write_dataset(f"{prefix}_input_ids_document", [tokens for tokens, _ in documents], np.int32)
+    write_dataset(f"{prefix}_loss_mask_document", [mask for _, mask in documents], np.uint8)
+    return str(prefix)
+
+
+def write_mindrecord(path, records, shard_num=1):
+    """MindRecord file(s) of int32 columns, as MindFormers' finetune preprocessing writes them; returns the first."""
+    from mindspore.mindrecord import FileWriter
+
+    writer = FileWriter(str(path), shard_num=shard_num, overwrite=True)
+    schema = {name: {"type": "int32", "shape": [-1]} for name in records[0]}
+    writer.add_schema(schema, "finetune")
+    writer.write_raw_data(records)
+    writer.commit()
+    return str(path) + ("0" if shard_num > 1 else "")

@@ -6,7 +6,7 @@
 DIR is an HF-layout directory (config.json + *.safetensors [+ index]; fp32, bf16 or the fp8 release) or a native
 weights directory of this project (same layout; a training checkpoint with config.yaml works too). ids.npy holds
 integer token ids [S] or [B, S]; the output is float32 [B, S, vocab] (main head; [1, S, vocab] for 1-D input).
-The model runs in float32, PyNative mode. Compare against another implementation with e.g.
+The model runs in float32 without recompute or MTP layers (they do not touch the main head), PyNative mode. Compare against another implementation with e.g.
 `numpy.abs(a - b).max()`. The model plugin of --register_path (default: this project's research/deepseek3) is
 imported; the model spec of the checkpoint's config builds the model (through the registry) and loads it.
 """
@@ -21,9 +21,6 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 DEFAULT_PLUGIN = os.path.join(_ROOT, "research", "deepseek3")
-# The model runs in float32 without recompute, whatever the checkpoint was trained with.
-FLOAT32_FIELDS = {"compute_dtype": "float32", "param_init_type": "float32", "layernorm_compute_type": "float32",
-                  "softmax_compute_type": "float32", "recompute": False}
 
 
 def build_parser():
@@ -60,17 +57,12 @@ def load_plugin(register_path):
 def compute_logits(checkpoint, ids, device_target="CPU", register_path=DEFAULT_PLUGIN):
     import mindspore as ms
 
-    from mindpretrain import registry
-    from mindpretrain.checkpoint.conversion import load_native_config, spec_of_native
+    from mindpretrain.generation.predict import load_inference_model
 
     load_plugin(register_path)
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device(device_target)
-    spec = spec_of_native(checkpoint)
-    model_config = load_native_config(checkpoint, spec, seq_length=max(ids.shape[1], 1), **FLOAT32_FIELDS)
-    model = registry.get("model", spec.model_class)(model_config)
-    spec.load_hf_weights(model, checkpoint, allow_missing_mtp=True)
-    model.set_train(False)
+    _, _, model = load_inference_model(checkpoint, ids.shape[1])
     return model(ms.Tensor(ids)).asnumpy().astype(np.float32)
 
 

@@ -10,7 +10,12 @@ Megatron's rules, so the same YAML selects the same data anywhere:
 - `train_data_path` / `valid_data_path` / `test_data_path` give each split a blend of its own
   (whole datasets, no `split`).
 - `sizes: [train, valid, test]` are sample counts; 0 skips a split; null means one epoch.
+
+`datasets_type` picks what a prefix holds: `GPTDataset` (a Megatron BIN dataset, pretraining samples)
+or `SFTDataset` (the fine-tuning preprocessor's output prefix P: P_input_ids_document.* and
+P_loss_mask_document.*, packed rows). Both take the same blend, split and sizes rules.
 """
+import collections
 import math
 
 import numpy as np
@@ -20,14 +25,20 @@ from mindpretrain.validation import ConfigError, require
 from mindpretrain.data.blended_dataset import BlendedDataset, normalize_weights
 from mindpretrain.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_document_ranges
 from mindpretrain.data.indexed_dataset import IndexedDataset
+from mindpretrain.data.sft_dataset import SFTDataset, SFTDatasetConfig, SFTDocuments
 from mindpretrain.utils.open_once import OpenOnce
 
 SPLIT_NAMES = ("train", "valid", "test")
 BLEND_SURPLUS = 0.005
 
-# `data_loader.config` keys that are not GPTDatasetConfig fields.
+# `data_loader.config` keys that are not dataset config fields.
 _BLEND_KEYS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
 _IGNORED_KEYS = tuple(PARTIAL_VOCABULARY["train_dataset.data_loader.config"])   # accepted, no effect
+
+# What a `datasets_type` needs: its config class, how a prefix is opened, the dataset class.
+DatasetKind = collections.namedtuple("DatasetKind", "config_class opener dataset_class")
+DATASET_KINDS = {"GPTDataset": DatasetKind(GPTDatasetConfig, IndexedDataset, GPTDataset),
+                 "SFTDataset": DatasetKind(SFTDatasetConfig, SFTDocuments, SFTDataset)}
 
 
 def parse_blend(data_path, key="data_path"):
@@ -57,17 +68,24 @@ def parse_blend(data_path, key="data_path"):
     return prefixes, weights
 
 
-def gpt_dataset_config(section):
-    """GPTDatasetConfig from a MindFormers `data_loader.config` mapping (unknown keys refused)."""
+def dataset_config(section, config_class=GPTDatasetConfig):
+    """`config_class` (GPTDatasetConfig, SFTDatasetConfig) from a MindFormers `data_loader.config` mapping;
+    `seed` is an alias of `random_seed`, and unknown keys are refused with the list of known ones."""
     section = dict(section)
     if "seed" in section and "random_seed" not in section:
         section["random_seed"] = section.pop("seed")
-    fields = {field for field in GPTDatasetConfig.__dataclass_fields__}
+    fields = {field for field in config_class.__dataclass_fields__}
     unknown = sorted(set(section) - fields - set(_BLEND_KEYS) - set(_IGNORED_KEYS))
     if unknown:
         raise ConfigError(f"data_loader.config has unknown keys {unknown}; supported: "
-                          f"{sorted(fields | set(_BLEND_KEYS))}")
-    return GPTDatasetConfig(**{key: value for key, value in section.items() if key in fields})
+                          f"{sorted(fields | set(_BLEND_KEYS) | {'seed'})}")
+    return config_class(**{key: value for key, value in section.items() if key in fields})
+
+
+def dataset_kind(datasets_type):
+    require(datasets_type in DATASET_KINDS, "datasets_type", datasets_type,
+            f"must be one of {', '.join(DATASET_KINDS)}")
+    return DATASET_KINDS[datasets_type]
 
 
 def _check_sizes(sizes):
@@ -80,26 +98,37 @@ def _check_sizes(sizes):
 
 
 def build_gpt_datasets(section, sizes):
-    """[train, valid, test] datasets (None where a split is empty or not requested)."""
-    config = gpt_dataset_config(section)
+    """[train, valid, test] GPTDatasets (None where a split is empty or not requested)."""
+    return build_datasets(section, sizes, "GPTDataset")
+
+
+def build_datasets(section, sizes, datasets_type="GPTDataset"):
+    """[train, valid, test] datasets of `datasets_type` (None where a split is empty or not requested)."""
+    kind = dataset_kind(datasets_type)
+    config = dataset_config(section, kind.config_class)
     sizes = _check_sizes(sizes)
-    opener = OpenOnce(IndexedDataset)   # each prefix opened once, however many splits and blends use it
+
+    def make(dataset, documents, size, name):
+        return kind.dataset_class(dataset, documents, size, config, name)
+
+    opener = OpenOnce(kind.opener)   # each prefix opened once, however many splits and blends use it
     per_split = [parse_blend(section.get(f"{name}_data_path"), f"{name}_data_path") for name in SPLIT_NAMES]
     if any(blend is not None for blend in per_split):
         require(section.get("data_path") is None, "data_path", section.get("data_path"),
                 "must be left out when train_data_path/valid_data_path/test_data_path are given")
-        return [_build_whole_blend(opener, blend, size, config, name)
+        return [_build_whole_blend(opener, blend, size, make, name)
                 for blend, size, name in zip(per_split, sizes, SPLIT_NAMES)]
     blend = parse_blend(section.get("data_path"))
     require(blend is not None, "data_path", None, "must name at least one dataset prefix")
     prefixes, weights = blend
     require(config.split is not None, "split", None, "must be given with data_path")
     if weights is None:
-        return _build_splits(opener(prefixes[0]), sizes, config)
+        return _build_splits(opener(prefixes[0]), sizes, config.split, make)
     for size, name in zip(sizes, SPLIT_NAMES):
         require(size is not None, f"sizes ({name})", size, "must be a number of samples when data_path blends")
     weights = normalize_weights(weights)
-    per_dataset = [_build_splits(opener(prefix), [_with_surplus(_due(size, weight)) for size in sizes], config)
+    per_dataset = [_build_splits(opener(prefix), [_with_surplus(_due(size, weight)) for size in sizes],
+                                 config.split, make)
                    for prefix, weight in zip(prefixes, weights)]
     result = []
     for split_number, (size, name) in enumerate(zip(sizes, SPLIT_NAMES)):
@@ -121,32 +150,32 @@ def _with_surplus(count):
     return int(math.ceil(count * (1 + BLEND_SURPLUS)))
 
 
-def _build_splits(dataset, sizes, config):
-    ranges = split_document_ranges(config.split, len(dataset))
+def _build_splits(dataset, sizes, split, make):
+    ranges = split_document_ranges(split, len(dataset))
     datasets = []
     for document_range, size, name in zip(ranges, sizes, SPLIT_NAMES):
         if document_range is None or size == 0:
             datasets.append(None)
             continue
         documents = np.arange(*document_range, dtype=np.int32)
-        datasets.append(GPTDataset(dataset, documents, size, config, name))
+        datasets.append(make(dataset, documents, size, name))
     return datasets
 
 
-def _build_whole_blend(opener, blend, size, config, name):
+def _build_whole_blend(opener, blend, size, make, name):
     if blend is None or size == 0:
         return None
     prefixes, weights = blend
     if weights is None:
         dataset = opener(prefixes[0])
-        return GPTDataset(dataset, np.arange(len(dataset), dtype=np.int32), size, config, name)
+        return make(dataset, np.arange(len(dataset), dtype=np.int32), size, name)
     require(size is not None, f"sizes ({name})", size, "must be a number of samples when a split blends")
     weights = normalize_weights(weights)
     members = []
     for prefix, weight in zip(prefixes, weights):
         dataset = opener(prefix)
-        members.append(GPTDataset(dataset, np.arange(len(dataset), dtype=np.int32),
-                                  _with_surplus(_due(size, weight)), config, name))
+        members.append(make(dataset, np.arange(len(dataset), dtype=np.int32), _with_surplus(_due(size, weight)),
+                            name))
     return _blend(members, weights, sum(_due(size, weight) for weight in weights), name)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from mindpretrain.validation import ConfigError, require
 from mindpretrain.data.index_builders import build_sample_index
-from mindpretrain.data.index_cache import IndexCache, file_digest
+from mindpretrain.data.index_cache import default_cache_directory, file_digest, load_or_build
 from mindpretrain.utils.logging import get_logger
 
 logger = get_logger("data")
@@ -179,18 +179,12 @@ class GPTDataset:
         }
 
     def cache_directory(self):
-        if self.config.path_to_cache:
-            return self.config.path_to_cache
-        return os.path.join(os.path.dirname(os.path.abspath(self.dataset.path_prefix)), "cache", "GPTDataset_indices")
+        return default_cache_directory(self.config.path_to_cache, self.dataset.path_prefix, "GPTDataset")
 
     def _load_or_build_indices(self):
-        names = ("document_index", "sample_index", "shuffle_index")
-        cache = IndexCache(self.cache_directory(), "GPTDataset", self.description())
-        arrays = cache.load(names)
-        self.loaded_from_cache = arrays is not None
-        if arrays is None:
-            arrays = self._build_indices()
-            cache.save(arrays)
+        arrays, self.loaded_from_cache = load_or_build(
+            self.cache_directory(), "GPTDataset", self.description(),
+            ("document_index", "sample_index", "shuffle_index"), self._build_indices)
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]

@@ -19,12 +19,31 @@ from mindpretrain.utils.logging import get_logger
 logger = get_logger("data")
 
 
-def file_digest(path, chunk=1 << 22):
-    digest = hashlib.md5()
+def file_digest(path, chunk=1 << 22, algorithm="md5"):
+    """Hex digest of a file read in chunks (md5 for cache keys; sha256 where users compare files)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def default_cache_directory(path_to_cache, path_prefix, kind):
+    """`path_to_cache` when set, else `<the data's folder>/cache/<kind>_indices`."""
+    if path_to_cache:
+        return path_to_cache
+    return os.path.join(os.path.dirname(os.path.abspath(path_prefix)), "cache", f"{kind}_indices")
+
+
+def load_or_build(directory, kind, description, names, build):
+    """(arrays, loaded_from_cache): the cached arrays `names` of this description, else `build()`'s, saved."""
+    cache = IndexCache(directory, kind, description)
+    arrays = cache.load(names)
+    if arrays is not None:
+        return arrays, True
+    arrays = build()
+    cache.save(arrays)
+    return arrays, False
 
 
 def description_hash(description):

@@ -1,4 +1,5 @@
-"""Feed GPT/blended samples to MindSpore, split across data-parallel ranks, resumable mid-epoch.
+"""Feed samples (GPT, packed SFT rows, MindRecord records, blends) to MindSpore, split across
+data-parallel ranks, resumable mid-epoch.
 
 The global sample order is fixed by the dataset (Megatron's shuffle), so sharding and resuming
 are pure index arithmetic: global batch `b` is samples `consumed + b*G ... consumed + (b+1)*G - 1`
@@ -6,10 +7,17 @@ with `G = micro_batch_size * dp_size`, and rank `r` takes the `r`-th run of `mic
 them (Megatron's pretraining sampler). Resuming from `consumed_samples` therefore continues the
 exact stream an uninterrupted run would have seen, on any number of ranks with the same G.
 """
+import inspect
+
 from mindpretrain.validation import ConfigError, require
-from mindpretrain.data.dataset_builder import SPLIT_NAMES, build_gpt_datasets
+from mindpretrain.data.dataset_builder import SPLIT_NAMES, build_datasets, dataset_kind
 from mindpretrain.data.gpt_dataset import SAMPLE_COLUMNS
+from mindpretrain.data.mindrecord_dataset import MindRecordDataset, find_mindrecord_files
+from mindpretrain.data.sft_dataset import SFT_COLUMNS
 from mindpretrain.registry import register
+
+# The columns a loader yields unless `column_names` says otherwise.
+DEFAULT_COLUMNS = {"GPTDataset": SAMPLE_COLUMNS, "SFTDataset": SFT_COLUMNS}
 
 
 class DataParallelSamples:
@@ -58,37 +66,56 @@ class DataParallelSamples:
 class BlendedMegatronDatasetDataLoader:
     """MindFormers' `BlendedMegatronDatasetDataLoader`: YAML section in, MindSpore dataset out.
 
-    Returns a `mindspore.dataset.GeneratorDataset` yielding this rank's samples as the columns
-    named in `column_names`; the caller batches it (`.batch(micro_batch_size, drop_remainder=True)`).
+    `datasets_type` GPTDataset (pretraining samples) or SFTDataset (packed fine-tuning rows). Returns a
+    `mindspore.dataset.GeneratorDataset` yielding this rank's samples as the columns named in
+    `column_names` (default: all the dataset type's columns); the caller batches it
+    (`.batch(micro_batch_size, drop_remainder=True)`).
     """
 
-    def __new__(cls, sizes, config, datasets_type="GPTDataset", phase="train", column_names=SAMPLE_COLUMNS,
+    def __new__(cls, sizes, config, datasets_type="GPTDataset", phase="train", column_names=None,
                 shuffle=False, dp_rank=0, dp_size=1, micro_batch_size=1, consumed_samples=0,
                 num_parallel_workers=1):
-        require(datasets_type == "GPTDataset", "datasets_type", datasets_type, "must be GPTDataset")
+        dataset_kind(datasets_type)
         require(not shuffle, "data_loader.shuffle", shuffle,
                 "must be False: samples are already shuffled by the dataset's seeded index, and a second "
                 "shuffle would break exact resume")
         require(phase in SPLIT_NAMES, "phase", phase, f"must be one of {SPLIT_NAMES}")
-        dataset = build_gpt_datasets(config, sizes)[SPLIT_NAMES.index(phase)]
+        dataset = build_datasets(config, sizes, datasets_type)[SPLIT_NAMES.index(phase)]
         if dataset is None:
             raise ConfigError(f"sizes ({sizes!r}) and split ({config.get('split')!r}) leave the {phase} "
                               f"dataset empty")
-        samples = DataParallelSamples(dataset, column_names, dp_rank, dp_size, micro_batch_size, consumed_samples)
+        columns = DEFAULT_COLUMNS[datasets_type] if column_names is None else column_names
+        samples = DataParallelSamples(dataset, columns, dp_rank, dp_size, micro_batch_size, consumed_samples)
         return to_mindspore(samples, num_parallel_workers)
 
 
 @register("data_loader")
 class MindDataset:
-    """MindFormers' MindRecord reader (its finetune YAMLs' `data_loader.type`), refused with the way forward:
-    mindpretrain reads Megatron BIN datasets only, so the YAML loads and plans, and building the data says how
-    to get there."""
+    """MindFormers' MindRecord reader (its finetune YAMLs' `data_loader.type`): `dataset_dir` (or
+    `dataset_files`) of `.mindrecord` files with `input_ids` and optionally `labels`, one SFT row per record
+    (mindrecord_dataset.py), sharded and resumable like the BIN datasets.
 
-    def __new__(cls, dataset_dir=None, **unused):
-        raise ConfigError(f"train_dataset.data_loader.type (MindDataset, dataset_dir {dataset_dir!r}) reads "
-                          "MindRecord files, which mindpretrain does not; tokenize the data into a Megatron BIN "
-                          "dataset (tools/preprocess_data.py or research/deepseek3/wikitext_to_bin.py) and use "
-                          "type: BlendedMegatronDatasetDataLoader with config.data_path")
+    `shuffle: True` draws a seeded permutation of the records per epoch (`seed`), not MindSpore's order;
+    `sizes[0]` samples beyond one pass repeat the records (null: one pass). `seq_length` (default: the
+    longest record's length - 1) and `pad_token_id` (MindFormers' model_config.pad_token_id: input positions
+    holding it are not trained) are ours; `path_to_cache` places the record arrays' cache.
+    """
+
+    def __new__(cls, dataset_dir=None, dataset_files=None, shuffle=False, seed=1234, seq_length=None,
+                pad_token_id=None, path_to_cache=None, sizes=None, column_names=SFT_COLUMNS, dp_rank=0, dp_size=1,
+                micro_batch_size=1, consumed_samples=0, num_parallel_workers=1, **unknown):
+        if unknown:
+            known = sorted(name for name, parameter in inspect.signature(cls.__new__).parameters.items()
+                           if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name != "cls")
+            raise ConfigError(f"train_dataset.data_loader (MindDataset) has unknown keys {sorted(unknown)}; "
+                              f"supported: {known}")
+        require(isinstance(shuffle, bool), "data_loader.shuffle", shuffle, "must be True or False")
+        sizes = list(sizes) if sizes is not None else [None, 0, 0]
+        require(len(sizes) >= 1, "data_loader.sizes", sizes, "must start with the number of training samples")
+        files = find_mindrecord_files(dataset_dir, dataset_files)
+        dataset = MindRecordDataset(files, seq_length, pad_token_id, sizes[0], shuffle, seed, path_to_cache)
+        samples = DataParallelSamples(dataset, column_names, dp_rank, dp_size, micro_batch_size, consumed_samples)
+        return to_mindspore(samples, num_parallel_workers)
 
 
 def to_mindspore(samples, num_parallel_workers=1):

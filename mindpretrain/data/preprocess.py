@@ -39,6 +39,7 @@ from mindpretrain.data.indexed_dataset import (IndexedDatasetBuilder, IndexedDat
 from mindpretrain.data.packing import make_packer
 from mindpretrain.data.tokenizer import TOKENIZER_KINDS, TokenizerError, load_tokenizer
 from mindpretrain.data.wikitext import WikiTextError
+from mindpretrain.validation import ConfigError
 
 
 class PreprocessError(ValueError):
@@ -46,7 +47,7 @@ class PreprocessError(ValueError):
 
 
 # What the command-line tools report as one "error:" line instead of a traceback.
-USER_ERRORS = (PreprocessError, TokenizerError, WikiTextError, IndexedDatasetError, OSError)
+USER_ERRORS = (PreprocessError, TokenizerError, WikiTextError, IndexedDatasetError, ConfigError, OSError)
 
 
 DTYPE_AUTO_HELP = "auto = uint16 for vocabularies below 65500 tokens, else int32"
@@ -128,7 +129,7 @@ def _encode_in_worker(batch):
     return _worker_encoder(batch)
 
 
-def _batches(documents, batch_bytes):
+def batches(documents, batch_bytes):
     """Group `(texts, nbytes)` documents into `(texts_list, nbytes_total)` of about `batch_bytes`."""
     texts_list, total = [], 0
     for texts, nbytes in documents:
@@ -197,7 +198,7 @@ def preprocess(documents, tokenizer_kind, tokenizer_path, output_prefixes, *, so
     try:
         for prefix in output_prefixes:  # appended one by one, so a failing one still discards the others
             builders.append(IndexedDatasetBuilder(prefix, dtype))
-        encoded = _encoded_batches(_batches(documents, batch_bytes), tokenizer, eod_id, workers, bos_id)
+        encoded = _encoded_batches(batches(documents, batch_bytes), tokenizer, eod_id, workers, bos_id)
         with contextlib.closing(encoded):
             for batch, nbytes in encoded:
                 for arrays in batch:
@@ -212,7 +213,7 @@ def preprocess(documents, tokenizer_kind, tokenizer_path, output_prefixes, *, so
             _write(builder, output, packer.finish())
             output.update(packer.counters())
         _check_not_empty(source, outputs, progress.documents, packing, packed_length)
-        _finalize_all(builders)
+        finalize_all(builders)
     except BaseException:
         for builder in builders:
             builder.discard()
@@ -271,7 +272,7 @@ def _check_not_empty(source, outputs, documents_read, packing, packed_length):
                           "nothing was written")
 
 
-def _finalize_all(builders):
+def finalize_all(builders):
     """Publish every output, or none: undo the ones already published if a later one fails."""
     published = []
     try:

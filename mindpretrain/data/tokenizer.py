@@ -60,11 +60,19 @@ class HFTokenizer:
     def encode(self, text):
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def decode(self, ids, skip_special_tokens=True):
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` itself (offsets, added tokens: what chat-template target masks need)."""
+        return self._tokenizer
+
     def _special_token_id(self, key, well_known):
         """The id of `key` in the tokenizer_config.json beside the file, else of the first well-known spelling."""
         config_path = os.path.join(os.path.dirname(os.path.abspath(self.path)), "tokenizer_config.json")
         if os.path.isfile(config_path):
-            token = _special_token_from_config(config_path, key)
+            token = special_token_from_config(config_path, key)
             if token is not None:
                 token_id = self._tokenizer.token_to_id(token)
                 if token_id is None and key == "eos_token":  # the others are looked up only when used
@@ -103,6 +111,10 @@ class SentencePieceTokenizer:
     def encode(self, text):
         return self._processor.encode(text, out_type=int)
 
+    def decode(self, ids, skip_special_tokens=True):
+        """SentencePiece drops control pieces when decoding; `skip_special_tokens` is accepted for symmetry."""
+        return self._processor.decode(list(ids))
+
     def __reduce__(self):
         return SentencePieceTokenizer, (self.path,)
 
@@ -126,7 +138,7 @@ def _require_file(path, what):
         raise TokenizerError(f"{path}: {what} path is not a file")
 
 
-def _special_token_from_config(config_path, key):
+def special_token_from_config(config_path, key):
     """`key` (eos_token, bos_token ...) of a transformers tokenizer_config.json: a string or an AddedToken dict."""
     try:
         with open(config_path, encoding="utf-8") as handle:

@@ -379,6 +379,7 @@ class CheckpointManager:
         train_logger.info("loaded weights from %s", path)
 
     def _load_hf_weights(self, path, mtp):
+        from mindpretrain.checkpoint.hf_config_check import hf_config_differences
         from mindpretrain.model_spec import WeightsMismatchError, spec_for_config
 
         spec = spec_for_config(self.model_config)
@@ -389,6 +390,11 @@ class CheckpointManager:
                                       f"prediction ({spec.describe(self.model_config)}); set its MTP depth to 0 "
                                       "(num_nextn_predict_layers: 0) to train without it, or use --mtp init")
             options["drop_mtp"] = True
+        differences = hf_config_differences(spec, self.model_config, path, ignore=("num_nextn_predict_layers",))
+        if differences:
+            raise CheckpointError(f"--load_checkpoint {path}: its config.json describes another model than the "
+                                  f"YAML's model.model_config ({'; '.join(differences)}); make the YAML match the "
+                                  "checkpoint. Nothing was loaded")
         try:
             spec.load_hf_weights(self.model, path, **options)
         except WeightsMismatchError as error:

@@ -16,9 +16,22 @@ epochs of the dataset) and the loader's sample count (`sizes[0]`, Megatron's tra
 import numpy as np
 
 from mindpretrain import registry
+from mindpretrain.data.sft_dataset import SFT_COLUMNS
 from mindpretrain.validation import require
 
 MODEL_COLUMNS = ("input_ids", "labels", "loss_mask")
+# Packed fine-tuning rows (SFT_COLUMNS) add the document layout the model needs (docs/sft.md).
+COLUMN_DTYPES = {"input_ids": np.int32, "labels": np.int32, "loss_mask": np.float32, "position_ids": np.int32,
+                 "actual_seq_len": np.int32}
+
+
+def model_columns(loader_section):
+    """The columns the model takes from this loader: SFT data (`datasets_type: SFTDataset`, MindFormers'
+    MindRecord finetune data) carries the document layout, pretraining data does not."""
+    section = loader_section or {}
+    if section.get("type") == "MindDataset" or section.get("datasets_type") == "SFTDataset":
+        return SFT_COLUMNS
+    return MODEL_COLUMNS
 
 
 class DataExhausted(RuntimeError):
@@ -46,7 +59,7 @@ class DataStream:
     def _build(self, consumed_in_epoch):
         section = {key: value for key, value in self.section.items()
                    if key not in ("type", "num_parallel_workers")}  # workers come from train_dataset
-        section["column_names"] = MODEL_COLUMNS  # the model takes exactly these, in this order
+        section["column_names"] = model_columns(self.section)  # the model takes exactly these, in this order
         dataset = registry.get("data_loader", self.section.get("type", "BlendedMegatronDatasetDataLoader"))(
             dp_rank=self.dp_rank, dp_size=self.dp_size, micro_batch_size=self.micro_batch_size,
             consumed_samples=consumed_in_epoch, num_parallel_workers=self.num_parallel_workers, **section)
@@ -70,7 +83,7 @@ class DataStream:
         self._iterator = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
 
     def next_step(self):
-        """Stacked [A, micro_batch_size, S] arrays (input_ids, labels, loss_mask) of the next step."""
+        """Stacked [A, micro_batch_size, S] arrays of the next step, one per `model_columns` entry."""
         wrap = self.on_exhausted == "next_epoch"
         if self._iterator is None or (wrap and self._opened_at != self.consumed_samples
                                       and self.consumed_samples % self.epoch_length() == 0):
@@ -86,8 +99,8 @@ class DataStream:
                     "runner_config.train_steps, or set runner_config.data_exhausted: next_epoch")
             batches.append(batch)
         self.consumed_samples += self.samples_per_step
-        return tuple(np.stack([batch[column] for batch in batches]).astype(dtype)
-                     for column, dtype in ((0, np.int32), (1, np.int32), (2, np.float32)))
+        return tuple(np.stack([batch[index] for batch in batches]).astype(COLUMN_DTYPES[name])
+                     for index, name in enumerate(model_columns(self.section)))
 
 
 # --- sizing a run: what the trainer asks of the data ----------------------------------------------------------

@@ -63,7 +63,8 @@ class MetricsLogger:
                 "lr": outcome.lr, "grad_norm": outcome.grad_norm, "tokens_per_second": tokens_per_second,
                 "step_time": step_time, "mfu": mfu, "load_imbalance_max": imbalance_max,
                 "load_imbalance_mean": imbalance_mean, "eta": self.timer.eta(self.total_steps - step),
-                "skipped": not outcome.finite, "consumed_samples": consumed_samples}
+                "skipped": not outcome.finite, "consumed_samples": consumed_samples,
+                "target_tokens": outcome.target_tokens}
 
     def write(self, metrics):
         """Report one step's dict: history, JSONL, the log line when due, TensorBoard."""

@@ -75,6 +75,7 @@ def format_step_line(metrics):
              f"lr {metrics['lr']:.3e}",
              f"grad_norm {metrics['grad_norm']:.4f}",
              *([f"loss_scale {metrics['loss_scale']:g}"] if metrics.get("loss_scale") is not None else []),
+             *([f"targets {metrics['target_tokens']}"] if metrics.get("target_tokens") is not None else []),
              f"tokens/s {metrics['tokens_per_second']:.0f}",
              f"step_time {metrics['step_time']:.3f}s"]
     mfu = metrics.get("mfu")

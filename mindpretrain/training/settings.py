@@ -66,6 +66,7 @@ class RunSettings:
     data_loader: Any = None            # YAML `train_dataset.data_loader`
     num_parallel_workers: int = 1
     load_checkpoint_mtp: str = "init"  # --mtp: weights without MTP layers (require | init | drop)
+    per_token_loss: bool = False       # runner_config.calculate_per_token_loss: sum(CE)/targets of the global batch
     no_effect_keys: tuple = ()         # accepted MindFormers keys that change nothing here (dotted names)
     run_config: Any = None
 
@@ -86,6 +87,7 @@ class RunSettings:
             device=runner.get("device"),
             max_grad_norm=gradient_clip_norm(wrapper),
             param_checksum=bool(runner.get("log_param_checksum", False)),
+            per_token_loss=runner.get("calculate_per_token_loss", False),
             output_dir=output_dir or run_config.get("output_dir") or "./output",
             optimizer=_honoured(run_config.get("optimizer"), "optimizer"),
             lr_schedule=run_config.get("lr_schedule") or dict(DEFAULT_LR_SCHEDULE),
@@ -99,7 +101,10 @@ class RunSettings:
         settings._read_callbacks(run_config.get("callbacks") or [])
         settings.tensorboard_dir = (run_config.get("tensorboard") or {}).get("tensorboard_dir")
         settings.seq_length = ((run_config.get_path("train_dataset.data_loader.config") or {}).get("seq_length")
+                               or run_config.get_path("train_dataset.data_loader.seq_length")   # MindDataset's
                                or run_config.get_path("model.model_config.seq_length"))
+        settings.data_loader = _with_model_defaults(settings.data_loader, settings.seq_length,
+                                                    run_config.get_path("model.model_config.pad_token_id"))
         settings.validate()
         return settings
 
@@ -135,6 +140,8 @@ class RunSettings:
                 "must be set (or model.model_config.seq_length)")
         require(self.load_checkpoint_mtp in MTP_CHOICES, "load_checkpoint_mtp", self.load_checkpoint_mtp,
                 f"must be one of {', '.join(MTP_CHOICES)} (--mtp: what to do with weights without MTP layers)")
+        require(isinstance(self.per_token_loss, bool), "runner_config.calculate_per_token_loss", self.per_token_loss,
+                "must be True or False")
         kind = (self.runner_wrapper or {}).get("type")
         require(kind is None or kind in RUNNER_WRAPPERS, "runner_wrapper.type", kind,
                 f"must be one of {', '.join(RUNNER_WRAPPERS)} (the step is compiled by mindpretrain's own train step)")
@@ -149,6 +156,15 @@ class RunSettings:
     def samples_per_step(self, dp_size):
         """Global samples one optimizer step consumes: batch_size x dp x accumulation."""
         return self.micro_batch_size * dp_size * self.accumulation_steps
+
+
+def _with_model_defaults(data_loader, seq_length, pad_token_id):
+    """MindFormers keeps the MindRecord sample length and pad id in model_config: MindDataset gets them from there
+    unless its own section sets them."""
+    if not isinstance(data_loader, dict) or data_loader.get("type") != "MindDataset":
+        return data_loader
+    defaults = {"seq_length": seq_length, "pad_token_id": pad_token_id}
+    return {**{key: value for key, value in defaults.items() if value is not None}, **data_loader}
 
 
 def _honoured(section, path):

@@ -8,10 +8,20 @@ parameters stay identical across data-parallel ranks. GradOperation lives inside
 `nn.TrainOneStepCell`), which compiles in GRAPH mode; the micro-batch loop is unrolled at compile
 time (gradient_accumulation_steps is static).
 
-Model contract: `network(input_ids, labels, loss_mask)` returns
+Model contract: `network(input_ids, labels, loss_mask, *extra)` returns
 `(loss, lm_loss, mtp_loss, balance_loss, expert_load)`; only `loss` is differentiated, and
 `expert_load` ([num_moe_layers, n_routed_experts], tokens routed per expert) is summed over micro
-batches and ranks, ready for the aux-loss-free bias update.
+batches and ranks, ready for the aux-loss-free bias update. `extra` are further batch columns passed
+through unchanged (packed SFT rows: `position_ids, actual_seq_len`; none for pretraining).
+
+Per-token loss (`per_token_loss=True`, MindFormers' `calculate_per_token_loss`): the model sums its
+cross-entropy instead of averaging it (`set_loss_reduction("sum")`), and the loss mask it gets is
+divided by the number of target tokens of the whole global batch (all micro batches, all ranks)
+times the micro-batch x rank count that the averaging below undoes. The step's loss is then
+sum(CE) / sum(targets) over the global batch, so accumulation and data parallelism weight every
+target token alike instead of every micro batch alike.
+
+The losses vector ends with the global number of target tokens (the loss mask's sum), for the log.
 
 Loss scaling (float16 compute, `mindpretrain.training.loss_scale`): with `loss_scaling=True` the
 differentiated output is `loss * loss_scale` and the gradients are multiplied by
@@ -64,22 +74,24 @@ class ScaledLossCell(nn.Cell):
         super().__init__(auto_prefix=False)
         self.network = network
 
-    def construct(self, input_ids, labels, loss_mask, loss_scale):
-        loss, lm_loss, mtp_loss, balance_loss, expert_load = self.network(input_ids, labels, loss_mask)
+    def construct(self, input_ids, labels, loss_mask, loss_scale, *extra):
+        loss, lm_loss, mtp_loss, balance_loss, expert_load = self.network(input_ids, labels, loss_mask, *extra)
         return loss * ops.cast(loss_scale, loss.dtype), loss, lm_loss, mtp_loss, balance_loss, expert_load
 
 
 class ForwardBackwardCell(nn.Cell):
     """`(input_ids, labels, loss_mask)` of shape [A, B, S] (A micro batches), this rank's
-    `stop_flag` (1.0 after SIGTERM) and the `loss_scale` (float32 scalar, ignored unless
-    `loss_scaling`) -> `(losses, expert_load, grad_norm, grads)`, where
-    losses = [loss, lm_loss, mtp_loss, balance_loss, stop] are averaged over the A micro batches
-    and the `dp_size` ranks (stop > 0 when any rank wants to stop), expert_load is summed, and the
-    gradients are averaged."""
+    `stop_flag` (1.0 after SIGTERM), the `loss_scale` (float32 scalar, ignored unless
+    `loss_scaling`) and any further columns [A, B, S] -> `(losses, expert_load, grad_norm, grads)`,
+    where losses = [loss, lm_loss, mtp_loss, balance_loss, stop, target_tokens]: the first four
+    averaged over the A micro batches and the `dp_size` ranks, stop > 0 when any rank wants to stop,
+    target_tokens the global loss-mask sum; expert_load is summed, and the gradients are averaged."""
 
-    def __init__(self, network, weights, accumulation_steps=1, dp_size=1, loss_scaling=False):
+    def __init__(self, network, weights, accumulation_steps=1, dp_size=1, loss_scaling=False,
+                 per_token_loss=False):
         super().__init__(auto_prefix=False)
         self.loss_scaling = bool(loss_scaling)
+        self.per_token_loss = bool(per_token_loss)
         self.network = ScaledLossCell(network) if self.loss_scaling else network
         self.weights = ms.ParameterTuple(weights)
         self.accumulation_steps = int(accumulation_steps)
@@ -89,21 +101,35 @@ class ForwardBackwardCell(nn.Cell):
         self.hyper_map = ops.HyperMap()
         self.all_reduce = ops.AllReduce() if self.dp_size > 1 else None
         self.average = Tensor(1.0 / (self.accumulation_steps * self.dp_size), ms.float32)
+        # averages the four losses and the stop flag; the target count stays a sum
+        self.output_scale = Tensor([1.0 / (self.accumulation_steps * self.dp_size)] * 5 + [1.0], ms.float32)
 
-    def _micro_step(self, input_ids, labels, loss_mask, loss_scale):
+    def _micro_step(self, input_ids, labels, loss_mask, loss_scale, extra):
         if self.loss_scaling:
-            outputs, grads = self.value_and_grad(input_ids, labels, loss_mask, loss_scale)
+            outputs, grads = self.value_and_grad(input_ids, labels, loss_mask, loss_scale, *extra)
             _, loss, lm_loss, mtp_loss, balance_loss, expert_load = outputs
         else:
-            outputs, grads = self.value_and_grad(input_ids, labels, loss_mask)
+            outputs, grads = self.value_and_grad(input_ids, labels, loss_mask, *extra)
             loss, lm_loss, mtp_loss, balance_loss, expert_load = outputs
         return loss, lm_loss, mtp_loss, balance_loss, expert_load, grads
 
-    def construct(self, input_ids, labels, loss_mask, stop_flag, loss_scale):
+    def _global_targets(self, loss_mask):
+        """The loss-mask sum of the whole global batch (every micro batch, every rank)."""
+        targets = ops.cast(loss_mask, ms.float32).sum()
+        return self.all_reduce(targets) if self.dp_size > 1 else targets
+
+    def construct(self, input_ids, labels, loss_mask, stop_flag, loss_scale, *extra):
+        targets = self._global_targets(loss_mask)
+        if self.per_token_loss:
+            # x (A * dp), undone by the averaging below: sum(CE) / targets over the global batch
+            weight = (1.0 / self.average) / ops.maximum(targets, 1.0)
+            loss_mask = ops.cast(loss_mask, ms.float32) * weight
+        micro = tuple(column[0] for column in extra)
         loss, lm_loss, mtp_loss, balance_loss, expert_load, grads = self._micro_step(
-            input_ids[0], labels[0], loss_mask[0], loss_scale)
+            input_ids[0], labels[0], loss_mask[0], loss_scale, micro)
         for index in range(1, self.accumulation_steps):
-            more = self._micro_step(input_ids[index], labels[index], loss_mask[index], loss_scale)
+            micro = tuple(column[index] for column in extra)
+            more = self._micro_step(input_ids[index], labels[index], loss_mask[index], loss_scale, micro)
             loss = loss + more[0]
             lm_loss = lm_loss + more[1]
             mtp_loss = mtp_loss + more[2]
@@ -117,25 +143,27 @@ class ForwardBackwardCell(nn.Cell):
             grads = self.hyper_map(ops.partial(_all_reduce_sum, self.all_reduce), grads)
             losses = self.all_reduce(losses)
             expert_load = self.all_reduce(expert_load)
-        grad_factor = self.average / loss_scale if self.loss_scaling else self.average
-        grads = self.hyper_map(ops.partial(_scale, grad_factor), grads)
-        losses = losses * self.average
+        if self.loss_scaling:
+            grads = self.hyper_map(ops.partial(_scale, self.average / loss_scale), grads)
+        elif self.accumulation_steps * self.dp_size > 1:      # x 1.0 would only copy every gradient
+            grads = self.hyper_map(ops.partial(_scale, self.average), grads)
+        losses = ops.concat((losses, targets.reshape(1))) * self.output_scale
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         return losses, expert_load, grad_norm, grads
 
 
 class ApplyUpdateCell(nn.Cell):
-    """`(grads, lr, clip_factor)` -> scales the gradients by `clip_factor` (global-norm clipping,
-    computed by the caller from the norm it already has) and runs the optimizer."""
+    """`(grads, lr, clip_factor)` -> the optimizer's update with the gradients scaled by `clip_factor`
+    (global-norm clipping, computed by the caller from the norm it already has). The optimizer applies the
+    factor parameter by parameter, inside its update: scaling all gradients first would hold a second full
+    copy of them (4.8 GiB for the 1B model)."""
 
     def __init__(self, optimizer):
         super().__init__(auto_prefix=False)
         self.optimizer = optimizer
-        self.hyper_map = ops.HyperMap()
 
     def construct(self, grads, lr, clip_factor):
-        grads = self.hyper_map(ops.partial(_scale, clip_factor), grads)
-        return self.optimizer(grads, lr)
+        return self.optimizer(grads, lr, clip_factor)
 
 
 def clip_factor(grad_norm, max_grad_norm):
@@ -155,8 +183,8 @@ class PackedOutputCell(nn.Cell):
         super().__init__(auto_prefix=False)
         self.network = network
 
-    def construct(self, input_ids, labels, loss_mask):
-        loss, lm_loss, mtp_loss, balance_loss, expert_load = self.network(input_ids, labels, loss_mask)
+    def construct(self, input_ids, labels, loss_mask, *extra):
+        loss, lm_loss, mtp_loss, balance_loss, expert_load = self.network(input_ids, labels, loss_mask, *extra)
         losses = ops.stack((loss, lm_loss, mtp_loss, balance_loss)).astype(ms.float32)
         return ops.concat((losses, ops.stop_gradient(expert_load.astype(ms.float32).reshape(-1))))
 
@@ -181,8 +209,10 @@ class PipelineForwardBackwardCell(nn.Cell):
     fill `accu_grads`, and the gradients of the summed micro batches are then the direct ones.
     """
 
-    def __init__(self, network, weights, micro_batch_num, load_shape, optimizer_shard=False, grad_reducer=True):
+    def __init__(self, network, weights, micro_batch_num, load_shape, optimizer_shard=False, grad_reducer=True,
+                 per_token_loss=False):
         super().__init__(auto_prefix=False)
+        self.per_token_loss = bool(per_token_loss)
         self.weights = ms.ParameterTuple(weights)
         self.micro_batch_num = int(micro_batch_num)
         self.pipeline = Pipeline(PackedOutputCell(network), self.micro_batch_num)
@@ -193,16 +223,20 @@ class PipelineForwardBackwardCell(nn.Cell):
         self.average = Tensor(1.0 / self.micro_batch_num, ms.float32)
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, input_ids, labels, loss_mask, stop_flag, loss_scale):
+    def construct(self, input_ids, labels, loss_mask, stop_flag, loss_scale, *extra):
         input_ids, labels, loss_mask = input_ids[0], labels[0], loss_mask[0]
-        packed = self.pipeline(input_ids, labels, loss_mask)
+        extra = tuple(column[0] for column in extra)
+        targets = ops.cast(loss_mask, ms.float32).sum()      # the global batch: full_batch
+        if self.per_token_loss:
+            loss_mask = ops.cast(loss_mask, ms.float32) * (self.micro_batch_num / ops.maximum(targets, 1.0))
+        packed = self.pipeline(input_ids, labels, loss_mask, *extra)
         sens = ops.concat((ops.reshape(loss_scale.astype(ms.float32), (1,)),
                            ops.zeros((packed.shape[0] - 1,), ms.float32)))
-        grads = self.grad(self.pipeline, self.weights)(input_ids, labels, loss_mask, sens)
+        grads = self.grad(self.pipeline, self.weights)(input_ids, labels, loss_mask, *extra, sens)
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
         grads = self.hyper_map(ops.partial(_scale, self.average / loss_scale), grads)
-        losses = ops.concat((packed[:4] * self.average, ops.reshape(stop_flag, (1,))))
+        losses = ops.concat((packed[:4] * self.average, ops.reshape(stop_flag, (1,)), targets.reshape(1)))
         expert_load = ops.reshape(packed[4:], self.load_shape)
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         return losses, expert_load, grad_norm, grads

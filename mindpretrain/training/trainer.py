@@ -58,6 +58,7 @@ class StepOutcome(NamedTuple):
     stop_everywhere: bool  # some rank received SIGTERM
     loss_scale: float = None   # the scale this step ran with (loss scaling only)
     overflow: bool = False
+    target_tokens: int = None  # loss-mask sum of the global batch (the tokens the loss is taken over)
 
 
 class Trainer:
@@ -95,15 +96,22 @@ class Trainer:
 
     def _forward_backward_cell(self, pipeline):
         settings = self.settings
+        if settings.per_token_loss:
+            set_reduction = getattr(self.model, "set_loss_reduction", None)
+            require(set_reduction is not None, "runner_config.calculate_per_token_loss", True,
+                    f"needs a model with set_loss_reduction ({type(self.model).__name__} has none)")
+            set_reduction("sum")
         if pipeline is None:
             return ForwardBackwardCell(self.model, self.trainable, settings.accumulation_steps, self.dp.size,
-                                       loss_scaling=self.loss_scaler is not None)
+                                       loss_scaling=self.loss_scaler is not None,
+                                       per_token_loss=settings.per_token_loss)
         require(settings.accumulation_steps == 1 and self.dp.size == 1, "runner_config",
                 {"gradient_accumulation_steps": settings.accumulation_steps, "dp": self.dp.size},
                 "pipeline runs accumulate over parallel_config.micro_batch_num and let semi-auto parallel "
                 "reduce gradients: use gradient_accumulation_steps 1")
         cell = PipelineForwardBackwardCell(self.model, self.trainable, pipeline.micro_batch_num,
-                                           expert_load_shape(self.model), pipeline.optimizer_shard)
+                                           expert_load_shape(self.model), pipeline.optimizer_shard,
+                                           per_token_loss=settings.per_token_loss)
         # MindSpore's pipeline example (PipelineGradReducer docstring) calls set_train() on the pipeline cell.
         cell.set_train(True)
         return cell
@@ -198,10 +206,12 @@ class Trainer:
         stop_flag = ms.Tensor(1.0 if self.stop_request.requested else 0.0, ms.float32)
         scaler = self.loss_scaler
         loss_scale = ms.Tensor(scaler.scale if scaler is not None else 1.0, ms.float32)
-        losses, expert_load, grad_norm, grads = self.forward_backward(*(ms.Tensor(array) for array in batch),
-                                                                      stop_flag, loss_scale)
+        tensors = [ms.Tensor(array) for array in batch]     # input_ids, labels, loss_mask, then any layout columns
+        losses, expert_load, grad_norm, grads = self.forward_backward(*tensors[:3], stop_flag, loss_scale,
+                                                                      *tensors[3:])
         losses = losses.asnumpy()
         stop_everywhere = bool(losses[4] > 0)
+        target_tokens = int(round(float(losses[5]))) if math.isfinite(float(losses[5])) else None
         losses = losses[:4]
         grad_norm = float(grad_norm.asnumpy())
         expert_load = expert_load.asnumpy()
@@ -209,7 +219,7 @@ class Trainer:
         # Megatron's scheduler do: a skipped step (overflow or NaN) leaves the learning rate where it was.
         lr = schedule(self.step - self.skipped_steps)
         finite = bool(np.all(np.isfinite(losses)) and math.isfinite(grad_norm))
-        outcome = StepOutcome(losses, lr, grad_norm, expert_load, finite, stop_everywhere)
+        outcome = StepOutcome(losses, lr, grad_norm, expert_load, finite, stop_everywhere, target_tokens=target_tokens)
         if scaler is not None:
             outcome = self._update_loss_scale(outcome)
             if outcome.overflow:

@@ -3,12 +3,20 @@
 
 Calls (the contract with the trainer):
 
-    loss, lm_loss, mtp_loss, balance_loss, expert_load = model(input_ids, labels, loss_mask)
-    logits = model(input_ids)                       # float32 [B, S, vocab], main head
+    loss, lm_loss, mtp_loss, balance_loss, expert_load = model(input_ids, labels, loss_mask,
+                                                               position_ids=None, actual_seq_len=None)
+    logits = model(input_ids, position_ids=None, actual_seq_len=None)    # float32 [B, S, vocab], main head
 
 * inputs int32 [B, S]; labels are already shifted (labels[i] is the token after input_ids[i]); loss_mask
   float32 [B, S] weights each position (0 = ignore). Negative labels are allowed at masked positions.
-* lm_loss: mean over loss_mask of the token cross-entropy (computed in float32).
+* position_ids, actual_seq_len int32 [B, S] (both or neither): rows packed with whole documents (the SFT rows of
+  mindpretrain's SFT data contract). The document of position p is the number of actual_seq_len entries <= p,
+  so the padding after the last end is one block of its own; attention is causal within a document, RoPE reads
+  position_ids, an MTP target at depth k counts only when i and i+k share a document, and padding
+  (p >= actual_seq_len[:, -1]) is left out of the expert load and the balance loss. Without them the
+  computation is the original one (one causal sequence per row), operation for operation.
+* lm_loss: mean over loss_mask of the token cross-entropy (computed in float32); its sum after
+  `set_loss_reduction("sum")`.
 * mtp_loss: the mean over the D MTP modules of their masked cross-entropy (0 when D = 0).
 * loss = lm_loss + mtp_loss_factor * mtp_loss + balance_loss   (= lm + factor/D * sum_k L_k + balance)
 * balance_loss: sum over MoE blocks (main and MTP) of the sequence-wise balance loss (0 if alpha = 0).
@@ -25,15 +33,18 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindpretrain.registry import register
+from mindpretrain.validation import require
 from research.deepseek3.decoder import DecoderLayer
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.head import OutputHead
 from research.deepseek3.layers import Embedding, RMSNorm, ms_dtype
-from research.deepseek3.mla import causal_mask
+from research.deepseek3.mla import causal_mask, document_causal_mask, document_ids
 from research.deepseek3.moe import expert_bias_update
-from research.deepseek3.mtp import MTPLayer, shift_left
+from research.deepseek3.mtp import MTPLayer, same_document_ahead, shift_left
 from research.deepseek3.rope import RotaryEmbedding
 from research.deepseek3.weight_mapping import hf_parameter_shapes
+
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 def _as_model_config(model_config):
@@ -74,23 +85,54 @@ class DeepseekV3Model(nn.Cell):
         self.rotary = RotaryEmbedding(model_config, model_config.seq_length)
         _name_by_first_path(self)
 
-    def positional(self, seq_length):
-        """(cos, sin, causal mask) shared by every block of one forward."""
-        cos, sin = self.rotary(seq_length)
-        return cos, sin, causal_mask(seq_length)
+    def positional(self, seq_length, position_ids=None, actual_seq_len=None):
+        """(cos, sin, mask, documents) shared by every block of one forward, main and MTP.
 
-    def construct(self, input_ids):
-        """-> (final normed hidden [B,S,H], expert loads tuple, balance loss sum)."""
-        cos, sin, mask = self.positional(input_ids.shape[1])
+        One causal sequence per row: cos/sin [S, R/2], mask [1, 1, S, S], documents None. Packed rows
+        (position_ids and actual_seq_len int [B, S]): cos/sin [B, 1, S, R/2] gathered at position_ids, the
+        per-document causal mask [B, 1, S, S] and the document id of every position, int32 [B, S]."""
+        if actual_seq_len is None:
+            cos, sin = self.rotary(seq_length)
+            return cos, sin, causal_mask(seq_length), None
+        documents = document_ids(actual_seq_len, seq_length)
+        cos, sin = self.rotary(seq_length, position_ids)
+        return cos, sin, document_causal_mask(documents), documents
+
+    def decode(self, input_ids, cos, sin, mask, real_tokens=None):
+        """Embedding, the main blocks, the final norm -> (normed hidden [B,S,H], expert loads tuple, balance sum)."""
         hidden = self.embed_tokens(input_ids)
         loads = ()
         balance = Tensor(0.0, ms.float32)
         for index in range(self.num_layers):
-            hidden, load, layer_balance = self.layers[index](hidden, cos, sin, mask)
+            hidden, load, layer_balance = self.layers[index](hidden, cos, sin, mask, real_tokens)
             if load is not None:
                 loads = loads + (load,)
                 balance = balance + ops.cast(layer_balance, ms.float32)
         return self.norm(hidden), loads, balance
+
+    def construct(self, input_ids, position_ids=None, actual_seq_len=None):
+        """-> (final normed hidden [B,S,H], expert loads tuple, balance loss sum)."""
+        check_packing_inputs(position_ids, actual_seq_len)
+        cos, sin, mask, _ = self.positional(input_ids.shape[1], position_ids, actual_seq_len)
+        return self.decode(input_ids, cos, sin, mask, real_token_weights(actual_seq_len, input_ids.shape[1]))
+
+
+def check_packing_inputs(position_ids, actual_seq_len):
+    """Packed rows need both columns: RoPE positions without document ends (or the reverse) would mix rules."""
+    if (position_ids is None) != (actual_seq_len is None):
+        raise ValueError("packed rows need both position_ids and actual_seq_len (or neither, for one causal "
+                         f"sequence per row); got position_ids {'None' if position_ids is None else 'set'}, "
+                         f"actual_seq_len {'None' if actual_seq_len is None else 'set'}")
+
+
+def real_token_weights(actual_seq_len, seq_length):
+    """float32 [B, S]: 1 for the positions of a packed row's documents, 0 for the padding after the last end
+    (p >= actual_seq_len[:, -1]); None for unpacked rows (every position counts, the original arithmetic)."""
+    if actual_seq_len is None:
+        return None
+    positions = ops.arange(0, seq_length, dtype=ms.int32).reshape(1, seq_length)
+    last_end = ops.cast(actual_seq_len[:, -1:], ms.int32)
+    return ops.stop_gradient(ops.cast(positions < last_end, ms.float32))
 
 
 def masked_cross_entropy(logits, labels, weights):
@@ -123,6 +165,7 @@ class DeepseekV3ForCausalLM(nn.Cell):
         self.compute_dtype = ms_dtype(model_config.compute_dtype)
         self.vocab_size = model_config.vocab_size
         self.n_routed_experts = model_config.n_routed_experts
+        self.loss_reduction = "mean"
         self._apply_recompute(model_config.recompute)
         _name_by_first_path(self)
         self._check_names_and_shapes()
@@ -152,31 +195,42 @@ class DeepseekV3ForCausalLM(nn.Cell):
         """float32 logits [B, S, vocab] of the (shared) output head."""
         return self.lm_head(hidden)
 
-    def construct(self, input_ids, labels=None, loss_mask=None):
-        hidden, loads, balance = self.model(input_ids)
+    def set_loss_reduction(self, reduction):
+        """"mean" (default): lm_loss = sum(mask * CE) / sum(mask), each MTP depth likewise. "sum": the sums alone
+        (lm_loss = sum(mask * CE), mtp_loss = 1/D sum_k sum(mask_k * CE_k)), for per-token loss where the
+        trainer's loss_mask already carries 1 / (global target count). Set it before the first compiled call:
+        GRAPH mode reads it when it compiles."""
+        require(reduction in LOSS_REDUCTIONS, "loss_reduction", reduction, f"must be one of {LOSS_REDUCTIONS}")
+        self.loss_reduction = reduction
+
+    def construct(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
+        check_packing_inputs(position_ids, actual_seq_len)
+        cos, sin, mask, documents = self.model.positional(input_ids.shape[1], position_ids, actual_seq_len)
+        real_tokens = real_token_weights(actual_seq_len, input_ids.shape[1])
+        hidden, loads, balance = self.model.decode(input_ids, cos, sin, mask, real_tokens)
         if labels is None:
             return self.head(hidden)
         if loss_mask is None:
             loss_mask = ops.ones(labels.shape, ms.float32)
-        lm_loss = self.lm_head.masked_cross_entropy(hidden, labels, loss_mask)
+        lm_loss = self.lm_head.masked_cross_entropy(hidden, labels, loss_mask, self.loss_reduction)
 
         mtp_total = Tensor(0.0, ms.float32)
-        if self.mtp_depth > 0:
-            cos, sin, mask = self.model.positional(input_ids.shape[1])
-            previous = hidden
-            for depth in range(self.mtp_depth):
-                layer = self.model.layers[self.num_layers + depth]
-                # module depth+1 reads t_{i+depth+1} = input_ids[i+depth+1]; the zero-filled tail only feeds
-                # positions whose targets are masked, and causal attention keeps them from earlier positions
-                previous, normed, load, layer_balance = layer(shift_left(input_ids, depth + 1), previous, cos, sin,
-                                                              mask)
-                loads = loads + (load,)
-                balance = balance + ops.cast(layer_balance, ms.float32)
-                mtp_total = mtp_total + self.lm_head.masked_cross_entropy(
-                    normed, shift_left(labels, depth + 1), shift_left(loss_mask, depth + 1))
-            mtp_loss = mtp_total / self.mtp_depth
-        else:
-            mtp_loss = mtp_total
+        previous = hidden
+        for depth in range(self.mtp_depth):
+            layer = self.model.layers[self.num_layers + depth]
+            # module depth+1 reads t_{i+depth+1} = input_ids[i+depth+1]; the zero-filled tail (and, in packed
+            # rows, a document's last depth+1 positions, which read the next document) only feeds positions
+            # whose targets are masked, and the causal/document mask keeps them from earlier positions
+            previous, normed, load, layer_balance = layer(shift_left(input_ids, depth + 1), previous, cos, sin,
+                                                          mask, real_tokens)
+            loads = loads + (load,)
+            balance = balance + ops.cast(layer_balance, ms.float32)
+            mtp_mask = shift_left(loss_mask, depth + 1)
+            if documents is not None:
+                mtp_mask = mtp_mask * same_document_ahead(documents, depth + 1)
+            mtp_total = mtp_total + self.lm_head.masked_cross_entropy(
+                normed, shift_left(labels, depth + 1), mtp_mask, self.loss_reduction)
+        mtp_loss = mtp_total / self.mtp_depth if self.mtp_depth > 0 else mtp_total
         loss = lm_loss + self.mtp_loss_factor * mtp_loss + balance
         if loads:
             expert_load = ops.stop_gradient(ops.stack(loads))

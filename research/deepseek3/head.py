@@ -94,11 +94,14 @@ class OutputHead(nn.Cell):
             logits = ops.cast(logits, ms.float32)
         return logits.reshape(hidden.shape[:-1] + (self.vocab_size,))
 
-    def masked_cross_entropy(self, hidden, labels, loss_mask):
-        """Sum(mask * CE) / Sum(mask) in float32 over hidden [B, S, H], labels int [B, S], loss_mask [B, S]."""
+    def masked_cross_entropy(self, hidden, labels, loss_mask, reduction="mean"):
+        """Sum(mask * CE) / Sum(mask) in float32 over hidden [B, S, H], labels int [B, S], loss_mask [B, S];
+        reduction "sum": Sum(mask * CE) alone (per-token loss: the caller's mask carries the normalisation)."""
         weight, tokens = self._weight_and_tokens(hidden)
         weights = ops.cast(loss_mask, ms.float32).reshape(-1)
         total = self.cross_entropy(tokens, weight, labels.reshape(-1), weights)
+        if reduction == "sum":
+            return total
         denominator = weights.sum()
         denominator = ops.select(denominator > 0, denominator, ops.ones_like(denominator))
         return total / denominator

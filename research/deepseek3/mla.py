@@ -1,4 +1,6 @@
-"""Multi-head latent attention (MLA, DeepSeek-V2/V3) with decoupled RoPE and a causal mask.
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3) with decoupled RoPE and an additive mask: causal
+(`causal_mask`, [1, 1, S, S]) or, for rows packed with several documents, causal within each document
+(`document_causal_mask`, [B, 1, S, S]; on Ascend flash attention's TND layout does this instead).
 
 Per token x [H]:
   q      = q_b_proj(RMSNorm(q_a_proj(x)))        (or q_proj(x) when q_lora_rank is null) -> N heads of
@@ -32,6 +34,31 @@ def causal_mask(seq_length):
     cols = ops.arange(0, seq_length, dtype=ms.int32).reshape(1, seq_length)
     return ops.select(cols > rows, ops.full((seq_length, seq_length), MASK_VALUE, dtype=ms.float32),
                       ops.zeros((seq_length, seq_length), ms.float32)).reshape(1, 1, seq_length, seq_length)
+
+
+def document_ids(actual_seq_len, seq_length):
+    """int32 [B, S]: the document of each position of packed rows, = the number of `actual_seq_len` entries <= p.
+
+    actual_seq_len int [B, L] holds each row's cumulative document ends, padded by repeating the last end, so the
+    padding after the last document gets an id of its own (one extra block). A sorted search, O(S log L) per row,
+    instead of comparing every position with every end."""
+    ends = ops.cast(actual_seq_len, ms.int32)
+    positions = ops.broadcast_to(ops.arange(0, seq_length, dtype=ms.int32).reshape(1, seq_length),
+                                 (ends.shape[0], seq_length))
+    return ops.stop_gradient(ops.searchsorted(ends, positions, right=True, out_int32=True))
+
+
+def document_causal_mask(documents):
+    """Additive [B, 1, S, S] float32 mask of packed rows: 0 where column j <= row i and both positions are in the
+    same document (`document_ids`), -1e9 elsewhere. Every row keeps its diagonal, so no softmax row is empty."""
+    seq_length = documents.shape[1]
+    rows = ops.arange(0, seq_length, dtype=ms.int32).reshape(1, seq_length, 1)
+    cols = ops.arange(0, seq_length, dtype=ms.int32).reshape(1, 1, seq_length)
+    same_document = ops.expand_dims(documents, 2) == ops.expand_dims(documents, 1)          # [B, S, S]
+    allowed = ops.logical_and(same_document, cols <= rows)
+    mask = ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
+                      ops.full(allowed.shape, MASK_VALUE, dtype=ms.float32))
+    return ops.stop_gradient(ops.expand_dims(mask, 1))
 
 
 class AttentionCore(nn.Cell):
@@ -85,7 +112,8 @@ class RecomputingAttentionCore(AttentionCore):
         dq = scale * (W k - D * (P k));  dk = W^T (scale q) - P^T (D * scale q)     [dS = W - P * D, not formed]
     In GRAPH mode the graph compiler merges the backward's `probabilities(...)` with the identical forward
     computation, so P is computed once; in PyNative it is recomputed. Same gradients as autodiff up to float32
-    summation order. The mask gets no gradient (it is a constant). Not forming dS matters because the CPU
+    summation order, for any additive mask that leaves every row an unmasked entry (the causal and the
+    per-document causal masks both keep the diagonal). The mask gets no gradient (it is a constant). Not forming dS matters because the CPU
     backend's memory pool reuses [B, N, S, S] blocks poorly: each one avoided counts per layer. Profiles and
     timings: research/deepseek3/README.md.
     """

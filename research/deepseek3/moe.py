@@ -273,7 +273,8 @@ class GroupedMatmulExperts(nn.Cell):
 
 
 class DeepseekV3MoE(nn.Cell):
-    """Routed + shared experts. ``construct(hidden [B,S,H]) -> (out [B,S,H], load fp32 [E], balance_loss)``.
+    """Routed + shared experts. ``construct(hidden [B,S,H], real_tokens=None) -> (out [B,S,H], load fp32 [E],
+    balance_loss)``.
 
     ``dispatch`` (or ``model_config.moe_dispatch``; None = `default_moe_dispatch` for the current device) picks the
     routed compute: ``"block_sparse"`` or ``"grouped_matmul"``. ``grouped_matmul`` is the kernel function of the
@@ -321,7 +322,10 @@ class DeepseekV3MoE(nn.Cell):
             weights.append(getattr(expert, which).weight)
         return ops.cast(ops.stack(weights), self.compute_dtype)
 
-    def construct(self, hidden):
+    def construct(self, hidden, real_tokens=None):
+        """`real_tokens` float32 [B, S] (1 = a document's token, 0 = padding of a packed row; None = every token)
+        keeps padding out of the expert load (hence the bias statistics) and the balance loss; padding is still
+        routed and computed (static shapes), its output simply never reaches a trained position."""
         batch, seq, hidden_size = hidden.shape
         tokens = batch * seq
         x = hidden.reshape(tokens, hidden_size)
@@ -335,19 +339,33 @@ class DeepseekV3MoE(nn.Cell):
         selected = ops.one_hot(topk_idx.reshape(-1), self.num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))
         selected = ops.stop_gradient(selected)                                   # [N*K, E]
         counts = selected.sum(0)                                                 # [E]
-        load = ops.stop_gradient(ops.cast(counts, ms.float32))
+        if real_tokens is None:
+            load = ops.stop_gradient(ops.cast(counts, ms.float32))
+        else:
+            load = ops.stop_gradient((ops.cast(selected, ms.float32) *
+                                      self._per_assignment(real_tokens).reshape(-1, 1)).sum(0))
 
         out = self._dispatch_compute_combine(x, selected, counts, topk_weight)
         if self.shared_experts is not None:
             out = out + shared
         out = out.reshape(batch, seq, hidden_size)
 
-        if self.balance_alpha > 0:
+        if self.balance_alpha > 0 and real_tokens is None:
             balance_loss = self._sequence_balance_loss(scores.reshape(batch, seq, self.num_experts),
                                                        selected.reshape(batch, seq * self.top_k, self.num_experts))
+        elif self.balance_alpha > 0:
+            balance_loss = self._real_token_balance_loss(scores.reshape(batch, seq, self.num_experts),
+                                                         selected.reshape(batch, seq * self.top_k, self.num_experts),
+                                                         ops.cast(real_tokens, ms.float32))
         else:
             balance_loss = Tensor(0.0, ms.float32)
         return out, load, balance_loss
+
+    def _per_assignment(self, real_tokens):
+        """float32 [B, S] token weights -> [B, S * K], one per (token, k) assignment, in `selected`'s order."""
+        batch, seq = real_tokens.shape
+        weights = ops.cast(real_tokens, ms.float32).reshape(batch, seq, 1)
+        return ops.broadcast_to(weights, (batch, seq, self.top_k)).reshape(batch, seq * self.top_k)
 
     def _dispatch_compute_combine(self, x, selected, counts, topk_weight):
         """x [N, H] -> the routed experts' weighted sum per token [N, H]."""
@@ -369,6 +387,17 @@ class DeepseekV3MoE(nn.Cell):
         normalised = scores / scores.sum(-1, keepdims=True)
         p = normalised.mean(1)                                                   # [B, E]
         f = ops.cast(selected.sum(1), ms.float32) * (self.num_experts / (self.top_k * seq))
+        return self.balance_alpha * (ops.stop_gradient(f) * p).sum(-1).mean()
+
+
+    def _real_token_balance_loss(self, scores, selected, real_tokens):
+        """`_sequence_balance_loss` over each row's real tokens only: T = the row's count of real tokens, f and
+        P sum over those tokens (a row of padding only contributes 0)."""
+        tokens = ops.maximum(real_tokens.sum(1, keepdims=True), 1.0)             # [B, 1]
+        normalised = scores / scores.sum(-1, keepdims=True)
+        p = (normalised * ops.expand_dims(real_tokens, -1)).sum(1) / tokens     # [B, E]
+        chosen = ops.cast(selected, ms.float32) * ops.expand_dims(self._per_assignment(real_tokens), -1)
+        f = chosen.sum(1) * (self.num_experts / self.top_k) / tokens
         return self.balance_alpha * (ops.stop_gradient(f) * p).sum(-1).mean()
 
 

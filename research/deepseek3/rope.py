@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 
@@ -69,7 +70,10 @@ def rope_tables(model_config, length):
 
 
 class RotaryEmbedding(nn.Cell):
-    """Holds the tables for `length` positions; `construct(seq)` -> (cos, sin) [seq, R/2] in float32."""
+    """Holds the tables for `length` positions. `construct(seq)` -> (cos, sin) [seq, R/2] float32, the same for
+    every row; `construct(seq, position_ids)` with int [B, seq] ids -> (cos, sin) [B, 1, seq, R/2], each row's
+    own positions (packed rows restart at 0 per document), shaped to broadcast over the heads of [B, N, seq, R].
+    The ids must be < `length` (a packed document is never longer than seq_length, so they are)."""
 
     def __init__(self, model_config, length):
         super().__init__()
@@ -78,15 +82,19 @@ class RotaryEmbedding(nn.Cell):
         self.cos = Tensor(cos)
         self.sin = Tensor(sin)
 
-    def construct(self, seq_length):
+    def construct(self, seq_length, position_ids=None):
         if seq_length > self.length:
             raise ValueError(f"sequence length {seq_length} exceeds the RoPE table ({self.length} positions, "
                              f"model_config.seq_length)")
-        return self.cos[:seq_length], self.sin[:seq_length]
+        if position_ids is None:
+            return self.cos[:seq_length], self.sin[:seq_length]
+        ids = ops.cast(position_ids, ms.int32)
+        return ops.expand_dims(ops.gather(self.cos, ids, 0), 1), ops.expand_dims(ops.gather(self.sin, ids, 0), 1)
 
 
 def apply_rotary(x, cos, sin, interleave):
-    """x [..., S, R] with cos/sin [S, R/2] -> rotated x [..., S, R] (first members, then second members)."""
+    """x [..., S, R] with cos/sin [S, R/2] (or [B, 1, S, R/2] for x [B, N, S, R]) -> rotated x [..., S, R]
+    (first members, then second members)."""
     half = x.shape[-1] // 2
     if interleave:
         pairs = x.reshape(x.shape[:-1] + (half, 2))

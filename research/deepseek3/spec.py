@@ -37,6 +37,13 @@ def load_hf_weights(model, path, allow_missing_mtp=False, drop_mtp=False):
     return hf_weights.load_hf_weights(model, path, allow_missing_mtp=allow_missing_mtp, drop_mtp=drop_mtp)
 
 
+def cached_decoder(model, batch_size, max_length):
+    """`research.deepseek3.generation.DeepseekV3CachedDecoder`, imported on first use (it imports MindSpore)."""
+    from research.deepseek3 import generation
+
+    return generation.cached_decoder(model, batch_size, max_length)
+
+
 def without_mtp(model_config):
     """The same model without multi-token prediction (a per-layer recompute list loses its MTP entries)."""
     recompute = list(model_config.recompute)[:model_config.num_hidden_layers]
@@ -70,4 +77,8 @@ DEEPSEEK_V3_SPEC = register_spec(ModelSpec(
     planning=PLANNING,
     without_mtp=without_mtp,
     foreign_layouts=(MINDFORMERS_LAYOUT,),
+    cached_decoder=cached_decoder,
+    # initialisation, special token ids, the length bound and dropout: the same weights compute the same function
+    hf_config_ignored=("initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
+                       "attention_dropout"),
 ))

@@ -402,7 +402,7 @@ def test_engine_reads_a_bounded_window_ahead(small_vocab_tokenizer):
             yield ("the sea",), 10
 
     tokenizer = load_tokenizer("HFTokenizer", str(small_vocab_tokenizer))
-    encoded = engine._encoded_batches(engine._batches(endless(), batch_bytes=100), tokenizer, None, workers=2)
+    encoded = engine._encoded_batches(engine.batches(endless(), batch_bytes=100), tokenizer, None, workers=2)
     try:
         batch, nbytes = next(encoded)
         assert (len(batch), nbytes) == (10, 100)

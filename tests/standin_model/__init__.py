@@ -43,6 +43,7 @@ class StandInMoE(nn.Cell):
         self.ce = nn.CrossEntropyLoss(reduction="none")
         self.experts = experts
         self.half = model_config.compute_dtype == "float16"
+        self.reduction = "mean"
 
     def _compute(self, tensor):
         """float32 master weights/activations -> the compute dtype (a no-op graph in float32)."""
@@ -56,10 +57,21 @@ class StandInMoE(nn.Cell):
         vocab = logits.shape[-1]
         per_token = self.ce(logits.reshape(-1, vocab), labels.reshape(-1))
         mask = mask.reshape(-1)
+        if self.reduction == "sum":
+            return ops.reduce_sum(per_token * mask)
         return ops.reduce_sum(per_token * mask) / ops.maximum(ops.reduce_sum(mask), 1.0)
 
-    def construct(self, input_ids, labels=None, loss_mask=None):
+    def set_loss_reduction(self, reduction):
+        """"mean" (default) or "sum": the per-token-loss contract of the real model."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"loss reduction ({reduction!r}) must be 'mean' or 'sum'")
+        self.reduction = reduction
+
+    def construct(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
         hidden = ops.gather(self.embed, input_ids, 0)
+        if position_ids is not None:
+            # packed rows: the positions change the hidden state, so a wrong column order shows in the loss
+            hidden = hidden + 0.01 * ops.cast(position_ids, ms.float32).expand_dims(-1)
         scores = ops.sigmoid(ops.matmul(hidden, self.gate.T))
         _, chosen = ops.topk(scores + self.bias, 1)
         one_hot = ops.one_hot(chosen.reshape(input_ids.shape), self.experts,

@@ -116,21 +116,6 @@ def test_run_mindformer_inheritance_and_overrides_end_to_end(tmp_path):
         run_mindformer.resolve_config(["--config", str(child), "--runner_config.train_stepz=3"])
 
 
-def test_run_mode_predict_is_refused_while_parsing(tmp_path, capsys):
-    """predict (from the flag or the YAML) stops at argument parsing with the way to get logits instead."""
-    import run_mindformer
-
-    base = PROJECT_ROOT / "tests" / "standin_model" / "train.yaml"
-    with pytest.raises(SystemExit) as stopped:
-        run_mindformer.resolve_config(["--config", str(base), "--run_mode", "predict"])
-    assert stopped.value.code == 2 and "tools/logits.py computes logits" in capsys.readouterr().err
-    child = tmp_path / "predict.yaml"
-    child.write_text(f"base_config: {base}\nrun_mode: predict\n")
-    with pytest.raises(SystemExit) as stopped:
-        run_mindformer.resolve_config(["--config", str(child)])
-    assert stopped.value.code == 2 and "run_mode predict is not implemented" in capsys.readouterr().err
-
-
 # --- parallel mode decision ------------------------------------------------------------------------------------
 
 class FakeParallelConfig:
