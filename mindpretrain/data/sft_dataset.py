@@ -17,6 +17,7 @@ for every epoch, so `sizes` beyond one epoch reshuffle, every document is used e
 epoch, and the sample position is one integer (exact resume).
 """
 import dataclasses
+import itertools
 import json
 import os
 from typing import Optional
@@ -111,6 +112,15 @@ class SFTDocuments:
             self._digests = [file_digest(self.tokens.index_path), file_digest(self.masks.index_path)]
         return self._digests
 
+    def source_of(self, document):
+        """Where `document` came from (`file:line`, `file:record N`) per P_document_sources.txt, else None."""
+        try:
+            with open(self.path_prefix + "_document_sources.txt", encoding="utf-8") as handle:
+                line = next(itertools.islice(handle, document, None), None)
+        except OSError:
+            return None
+        return line.rstrip("\n") if line else None
+
     def preprocessed_seq_length(self):
         """`--seq-length` of the preprocessing run when its P_summary.json says so, else None."""
         try:
@@ -188,8 +198,10 @@ class SFTDataset:
                                "starts with BOS (re-run tools/preprocess_sft_data.py)")
         preprocessed = self.dataset.preprocessed_seq_length()
         made = f" (it was preprocessed with --seq-length {preprocessed})" if preprocessed else ""
+        source = self.dataset.source_of(document)
+        origin = f" (from {source})" if source else ""
         return ConfigError(
-            f"{self.dataset.path_prefix}: document {document} has {error.length} tokens, more than "
+            f"{self.dataset.path_prefix}: document {document}{origin} has {error.length} tokens, more than "
             f"seq_length {error.seq_length}{made}; documents are never split: raise "
             f"data_loader.config.seq_length, or re-run tools/preprocess_sft_data.py with --seq-length "
             f"{error.seq_length} and --overlong skip or truncate")

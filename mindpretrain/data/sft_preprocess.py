@@ -3,6 +3,7 @@
 For an output prefix P it writes, all together or not at all (temporary names, renamed at the end):
 `P_input_ids_document.bin/.idx` (the rendered chats, exactly one BOS first), `P_loss_mask_document.bin/.idx`
 (uint8, same lengths: 1 on the target tokens: trained assistant content and its closing EOS),
+`P_document_sources.txt` (line d: the `file:line` of document d, for errors found later, when rows are packed),
 `P_summary.json` (tokenizer and template sha256, options, counts) and, with `--on-error skip` or when
 records were dropped as over-long, `P_rejects.jsonl` (one line per rejected record).
 
@@ -72,7 +73,8 @@ class SFTOptions:
 def output_paths(prefix):
     """The files of one output prefix (BIN datasets by prefix, the others by path)."""
     return {"input_ids": f"{prefix}_input_ids_document", "loss_mask": f"{prefix}_loss_mask_document",
-            "summary": f"{prefix}_summary.json", "rejects": f"{prefix}_rejects.jsonl"}
+            "summary": f"{prefix}_summary.json", "rejects": f"{prefix}_rejects.jsonl",
+            "sources": f"{prefix}_document_sources.txt"}   # line d: where document d came from (file:line)
 
 
 def strip_history_reasoning(content):
@@ -320,7 +322,8 @@ def format_sft_summary(summary):
         lines.append(f"  {summary['truncated_documents']} documents cut to --seq-length "
                      f"{summary['options']['seq_length']} ({summary['truncated_tokens']:,} tokens dropped)")
     lines.extend(f"  {summary['output_prefix']}{suffix}" for suffix in (
-        "_input_ids_document.bin/.idx", "_loss_mask_document.bin/.idx", "_summary.json"))
+        "_input_ids_document.bin/.idx", "_loss_mask_document.bin/.idx", "_summary.json",
+        "_document_sources.txt"))
     return "\n".join(lines)
 
 
@@ -332,9 +335,12 @@ class _SFTOutputs:
         self.keep_rejects = options.on_error == "skip" or options.overlong == "skip"
         self.builders = []
         self._rejects_tmp = self._rejects = None
+        self._sources_tmp = self._sources = None
         try:
             for key, kind in (("input_ids", dtype), ("loss_mask", np.uint8)):
                 self.builders.append(IndexedDatasetBuilder(self.paths[key], kind))
+            self._sources_tmp = temporary_sibling(self.paths["sources"])
+            self._sources = open(self._sources_tmp, "w", encoding="utf-8")
             if self.keep_rejects:
                 self._rejects_tmp = temporary_sibling(self.paths["rejects"])
                 self._rejects = open(self._rejects_tmp, "w", encoding="utf-8")
@@ -346,6 +352,7 @@ class _SFTOutputs:
         for ids, mask in result.documents:
             self.builders[0].add_document(ids)
             self.builders[1].add_document(mask)
+            self._sources.write(result.source.replace("\n", " ") + "\n")
         if result.reject is not None and self._rejects is not None:
             code, detail, number = result.reject
             line = {"source": result.source, "message_number": number, "reason": code, "message": detail}
@@ -360,15 +367,17 @@ class _SFTOutputs:
                 handle.write("\n")
             if self._rejects is not None:
                 self._rejects.close()
+            self._sources.close()
             finalize_all(self.builders)
             try:
+                commit(self._sources_tmp, self.paths["sources"])
                 if self._rejects_tmp is not None:
                     commit(self._rejects_tmp, self.paths["rejects"])
                 else:  # an earlier run's rejects would contradict this summary
                     discard(self.paths["rejects"])
                 commit(summary_tmp, self.paths["summary"])
             except BaseException:
-                published = [self.paths["rejects"]] if self._rejects_tmp is not None else []
+                published = [self.paths["sources"]] + ([self.paths["rejects"]] if self._rejects_tmp is not None else [])
                 for key in ("input_ids", "loss_mask"):
                     published += [data_file_path(self.paths[key]), index_file_path(self.paths[key])]
                 for path in published:
@@ -380,7 +389,8 @@ class _SFTOutputs:
     def discard(self):
         for builder in self.builders:
             builder.discard()
-        if self._rejects is not None:
-            self._rejects.close()
-        if self._rejects_tmp is not None:
-            discard(self._rejects_tmp)
+        for handle, path in ((self._rejects, self._rejects_tmp), (self._sources, self._sources_tmp)):
+            if handle is not None:
+                handle.close()
+            if path is not None:
+                discard(path)

@@ -363,7 +363,7 @@ def test_two_workers_write_identical_files(selfmade, tmp_path, capsys):
         assert run(directory, [source], selfmade, "--on-error", "skip", "--workers", str(workers),
                    "--history-reasoning", "split", capsys=capsys)[0] == 0
         files[workers] = {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
-    assert len(files[1]) == 6 and files[1] == files[2]
+    assert len(files[1]) == 7 and files[1] == files[2]     # bin+idx twice, summary, rejects, sources
     assert len(read_back(tmp_path / "w2" / "out")) == 150 * 3
 
 
@@ -429,3 +429,21 @@ def test_summary_file_records_what_was_used(selfmade, tmp_path, capsys):
     (ids, mask), = read_back(tmp_path / "out")
     assert summary["tokens"] == len(ids) and summary["target_tokens"] == sum(mask)
     assert summary["options"]["history_reasoning"] == "keep" and not (tmp_path / "out_rejects.jsonl").exists()
+
+
+def test_a_document_too_long_for_the_rows_is_named_by_its_source_line(selfmade, tmp_path, capsys):
+    """P_document_sources.txt maps every document to its record, so SFTDataset's over-long error names the line."""
+    from mindpretrain.data.dataset_builder import build_datasets
+    from mindpretrain.validation import ConfigError
+
+    short = conversation(("hi", {"content": "ok"}))
+    long = conversation(("tell me a story", {"content": "once upon a time " * 20}))
+    source = write_jsonl(tmp_path / "chats.jsonl", [short, short, long, short])
+    code, _, prefix = run(tmp_path, [source], selfmade, capsys=capsys)
+    assert code == 0
+    lines = (tmp_path / "out_document_sources.txt").read_text().splitlines()
+    assert lines == [f"{source}:{line}" for line in (1, 2, 3, 4)]
+    lengths = [len(ids) for ids, _ in read_back(prefix)]
+    section = {"seq_length": max(lengths[0], lengths[1], lengths[3]), "split": "1, 0, 0", "data_path": [str(prefix)]}
+    with pytest.raises(ConfigError, match=rf"document 2 \(from {source}:3\) has {lengths[2]} tokens"):
+        build_datasets(section, [None, 0, 0], "SFTDataset")

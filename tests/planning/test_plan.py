@@ -14,6 +14,8 @@ from conftest import PROJECT_ROOT
 YAML_671B = "research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml"
 YAML_1B = "research/deepseek3/deepseek3_671b/pretrain_deepseek3_1b.yaml"
 YAML_TINY = "configs/deepseek3/pretrain_deepseek3_tiny_cpu.yaml"
+YAML_671B_SFT = "research/deepseek3/deepseek3_671b/finetune_deepseek3_671b.yaml"
+YAML_TINY_SFT = "configs/deepseek3/finetune_deepseek3_tiny_cpu.yaml"
 
 
 def _load_plan_module():
@@ -119,7 +121,7 @@ def test_optimizer_sharding_divides_state_by_the_replica_group(run_671b):
     assert sharded.stages[stage].gradients == unsharded.stages[stage].gradients          # pipeline accumulates
 
 
-@pytest.mark.parametrize("yaml_path", [YAML_671B, YAML_1B, YAML_TINY])
+@pytest.mark.parametrize("yaml_path", [YAML_671B, YAML_1B, YAML_TINY, YAML_671B_SFT, YAML_TINY_SFT])
 def test_cli_json_on_every_shipped_yaml(yaml_path, capsys):
     assert plan_tool.main(["--config", str(PROJECT_ROOT / yaml_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -149,6 +151,16 @@ def test_cli_table_and_suggestion_when_it_does_not_fit(capsys):
     assert plan_tool.main(["--config", str(PROJECT_ROOT / YAML_1B), "--device-memory", "64GiB", "--check"]) == 0
     out = capsys.readouterr().out
     assert "-> fits" in out and "FLOPs per token" in out and "pipeline placement" in out
+
+
+def test_671b_finetune_fits_only_with_the_head_split(tmp_path, capsys):
+    """The SFT recipe's 32k-token rows: the last stage's logits fit once the head rows are split over mp."""
+    assert plan_tool.main(["--config", str(PROJECT_ROOT / YAML_671B_SFT), "--check"]) == 0
+    assert "fits" in capsys.readouterr().out
+    replicated = tmp_path / "replicated_head.yaml"
+    replicated.write_text(f"base_config: {PROJECT_ROOT / YAML_671B_SFT}\nparallel_config:\n  vocab_emb_dp: True\n")
+    assert plan_tool.main(["--config", str(replicated), "--check"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
 
 
 def test_cli_rejects_bad_layouts_with_the_documented_error(capsys):
