@@ -139,7 +139,8 @@ class ModelSpec:
     Optional: `without_mtp(model_config)` the same model without multi-token prediction (None: the family
     has none); `foreign_layouts` other frameworks' names for the same weights (e.g. MindFormers');
     `hf_config_ignored` the config.json keys a YAML may set differently from the checkpoint it loads
-    (`mindpretrain.checkpoint.hf_config_check`); `cached_decoder(model, batch_size, max_length)` a KV-cached
+    (`mindpretrain.checkpoint.hf_config_check`); `prepare_parallel(model, parallel_config)` adapts a built
+    model to semi-auto parallelism before its primitives are sharded (e.g. per-shard kernel inputs); `cached_decoder(model, batch_size, max_length)` a KV-cached
     decoder of a built model with the interface of `mindpretrain.generation.sampling.CachedDecoder` (None: the
     family cannot generate text).
     """
@@ -162,6 +163,7 @@ class ModelSpec:
     foreign_layouts: Optional[Tuple[WeightLayout, ...]] = None   # other frameworks' weight names
     cached_decoder: Optional[Callable[..., Any]] = None  # (model, batch, max_length) -> decoder (generation)
     hf_config_ignored: Tuple[str, ...] = ()              # config.json keys that do not change what weights compute
+    prepare_parallel: Optional[Callable[[Any, Any], None]] = None   # (model, parallel_config) before sharding
 
     def mtp_names(self, model_config):
         """(native MTP parameter names, MTP copies of the release layout): what `without_mtp` removes."""

@@ -42,6 +42,17 @@ def require_reference(module):
                     "bash scripts/run_tests.sh installs it")
 
 
+def packed_tiny_config(seq_length):
+    """DeepseekV3Config keywords of the packed-attention tests: 2 layers (dense, MoE), YaRN, MTP, float32."""
+    return dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=8, seq_length=seq_length, compute_dtype="float32", initializer_range=0.2,
+                num_nextn_predict_layers=1, seq_balance_loss_alpha=0.01,
+                rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+
 STANDIN_MODEL = PROJECT_ROOT / "tests" / "standin_model"
 STANDIN_VOCAB = 256
 

@@ -118,7 +118,10 @@ def apply_parallel_plan(plan, model=None, parallel_config=None, model_config=Non
         from mindpretrain.model_spec import spec_for_config
         from mindpretrain.parallel.strategies import apply_shard_strategies
 
-        return apply_shard_strategies(model, parallel_config, spec_for_config(model_config).shard_table)
+        spec = spec_for_config(model_config)
+        if spec.prepare_parallel is not None:
+            spec.prepare_parallel(model, parallel_config)
+        return apply_shard_strategies(model, parallel_config, spec.shard_table)
     return None
 
 

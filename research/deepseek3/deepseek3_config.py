@@ -30,7 +30,7 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 # accepted and reported once (`DeepseekV3Config.no_effect_keys`); any other unknown key is refused.
 _IGNORED = frozenset((
     "batch_size", "multiple_of", "ffn_dim_multiplier", "ignore_token_id", "rotary_dtype", "router_dense_type",
-    "use_past", "use_flash_attention", "use_fused_swiglu", "use_fused_rope", "input_sliced_sig",
+    "use_past", "use_fused_swiglu", "use_fused_rope", "input_sliced_sig",
     "checkpoint_name_or_path", "return_extra_loss", "qkv_concat", "ffn_concat", "qkv_has_bias", "block_size",
     "num_blocks", "repetition_penalty", "max_decode_length", "top_k", "top_p", "do_sample", "is_dynamic",
     "auto_map", "auto_register", "fine_grain_interleave", "pp_interleave_num", "extend_method",
@@ -288,6 +288,9 @@ class DeepseekV3Config:
     """Routed-expert compute, one of MOE_DISPATCHES; None picks the device's default (see moe.py)."""
     offset: Union[int, Sequence[int]] = _training_field(0)
     """Pipeline layer offset, an integer or one per stage (MindFormers `offset`, read by the parallel layout)."""
+    use_flash_attention: bool = _training_field(False)
+    """Ascend: attention through FlashAttentionScore in the TND layout (flash_attention.py); ignored with a notice
+    elsewhere, where the explicit-mask core computes the same attention."""
 
     def __init__(self, **kwargs):
         """Canonical names or MindFormers aliases; unknown keys, contradictions and invalid values raise."""
@@ -428,7 +431,7 @@ class DeepseekV3Config:
         for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value > 0, name, value, "must be a number > 0")
-        for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave", "attention_bias"):
+        for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave", "attention_bias", "use_flash_attention"):
             require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
 
     def _check_architecture(self):
@@ -481,6 +484,9 @@ class DeepseekV3Config:
                 require(getattr(self, name) != "bfloat16", f"model_config.{name}", getattr(self, name),
                         "cannot run with device_target CPU: MindSpore's CPU kernels (MatMul, ...) have no "
                         "bfloat16 implementation; use float32 on CPU (bfloat16 is for Ascend)")
+        if target != "ASCEND" and self.use_flash_attention:
+            logger.info("model_config.use_flash_attention: True has no effect on %s (Ascend's FlashAttentionScore); "
+                        "the explicit-mask attention core computes the same attention", target or "this device")
         return self
 
     # ----- derived sizes ------------------------------------------------------------------------------------

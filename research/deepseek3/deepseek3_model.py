@@ -36,6 +36,7 @@ from mindpretrain.registry import register
 from mindpretrain.validation import require
 from research.deepseek3.decoder import DecoderLayer
 from research.deepseek3.deepseek3_config import DeepseekV3Config
+from research.deepseek3.flash_attention import FlashAttentionCore
 from research.deepseek3.head import OutputHead
 from research.deepseek3.layers import Embedding, RMSNorm, ms_dtype
 from research.deepseek3.mla import causal_mask, document_causal_mask, document_ids
@@ -83,6 +84,8 @@ class DeepseekV3Model(nn.Cell):
         self.layers = nn.CellList(layers)
         self.norm = RMSNorm(model_config.hidden_size, model_config)
         self.rotary = RotaryEmbedding(model_config, model_config.seq_length)
+        # every block's core is of one kind (mla.attention_core); flash attention reads a layout, not a mask
+        self.flash_attention = isinstance(self.layers[0].self_attn.core, FlashAttentionCore)
         _name_by_first_path(self)
 
     def positional(self, seq_length, position_ids=None, actual_seq_len=None):
@@ -90,13 +93,27 @@ class DeepseekV3Model(nn.Cell):
 
         One causal sequence per row: cos/sin [S, R/2], mask [1, 1, S, S], documents None. Packed rows
         (position_ids and actual_seq_len int [B, S]): cos/sin [B, 1, S, R/2] gathered at position_ids, the
-        per-document causal mask [B, 1, S, S] and the document id of every position, int32 [B, S]."""
+        per-document causal mask [B, 1, S, S] and the document id of every position, int32 [B, S].
+        With the flash-attention core the mask slot holds its layout instead (`flash_positional`)."""
+        if self.flash_attention:
+            return self.flash_positional(seq_length, position_ids, actual_seq_len)
         if actual_seq_len is None:
             cos, sin = self.rotary(seq_length)
             return cos, sin, causal_mask(seq_length), None
         documents = document_ids(actual_seq_len, seq_length)
         cos, sin = self.rotary(seq_length, position_ids)
         return cos, sin, document_causal_mask(documents), documents
+
+    def flash_positional(self, seq_length, position_ids=None, actual_seq_len=None):
+        """`positional` for the flash-attention core: the same cos/sin and documents, and in the mask slot None
+        (one causal sequence per row) or the flattened cumulative segment ends int32 [B*K] of packed rows
+        (research/deepseek3/flash_attention.py), built once and read by every block."""
+        if actual_seq_len is None:
+            cos, sin = self.rotary(seq_length)
+            return cos, sin, None, None
+        documents = document_ids(actual_seq_len, seq_length)
+        cos, sin = self.rotary(seq_length, position_ids)
+        return cos, sin, self.layers[0].self_attn.core.attention_layout(seq_length, actual_seq_len), documents
 
     def decode(self, input_ids, cos, sin, mask, real_tokens=None):
         """Embedding, the main blocks, the final norm -> (normed hidden [B,S,H], expert loads tuple, balance sum)."""

@@ -6,7 +6,10 @@ log-softmax + pick per chunk of tokens, each chunk made to wait for the previous
 the graph may run every chunk's matmul first and hold them all).
 
 Smaller chunks are not cheaper overall: every chunk leaves its own [vocab, H] partial weight gradient, all
-summed at the end (AddN), hence the default of 16 M elements per chunk (64 MB of fp32), at most 16 chunks.
+summed at the end (AddN), hence the default of 16 M elements per chunk (64 MB of fp32), at most 16 chunks, and
+never a chunk of logits smaller than that partial gradient itself: for a wide model (the 1B's 129280 x 2048 head,
+1 GiB of fp32 per partial) splitting 256 tokens into two chunks would cost a whole extra [vocab, H] buffer to save
+a 66 MB one.
 Peak-memory measurements and the alternatives tried and rejected: research/deepseek3/README.md.
 
 The per-token arithmetic is the same either way (matmul in the compute dtype, float32 log-softmax, gather of
@@ -22,11 +25,13 @@ CHUNK_ELEMENTS = 16 * 1024 * 1024
 MAX_CHUNKS = 16
 
 
-def loss_chunk_size(tokens, vocab_size, chunk_elements, max_chunks=MAX_CHUNKS):
-    """Rows per chunk so that [chunk, vocab] fits `chunk_elements`, with at most `max_chunks` chunks (the last
-    one may be shorter). Closed form: it runs while the graph is built, where loops would be unrolled."""
+def loss_chunk_size(tokens, vocab_size, chunk_elements, max_chunks=MAX_CHUNKS, weight_elements=0):
+    """Rows per chunk so that [chunk, vocab] fits `chunk_elements` (raised to `weight_elements`, the size of the
+    partial weight gradient each chunk leaves), with at most `max_chunks` chunks (the last one may be shorter).
+    Closed form: it runs while the graph is built, where loops would be unrolled."""
     if not chunk_elements:
         return tokens
+    chunk_elements = max(chunk_elements, weight_elements)
     chunks = min(max_chunks, max(1, -(-tokens * vocab_size // chunk_elements)))
     return -(-tokens // chunks)
 
@@ -39,6 +44,7 @@ class HeadCrossEntropy(nn.Cell):
         super().__init__()
         self.vocab_size = vocab_size
         self.chunk_elements = chunk_elements
+        self.floor_at_weight_gradient = True    # no chunk of logits smaller than its [vocab, H] partial gradient
         self.logits_matmul = ops.MatMul(transpose_b=True)           # [c, H] x [V, H]^T
         self.log_softmax = ops.LogSoftmax(-1)
         self.pick = ops.GatherD()
@@ -46,7 +52,8 @@ class HeadCrossEntropy(nn.Cell):
 
     def construct(self, tokens, weight, labels, weights):
         count = tokens.shape[0]
-        chunk = loss_chunk_size(count, self.vocab_size, self.chunk_elements)
+        weight_elements = self.vocab_size * tokens.shape[1] if self.floor_at_weight_gradient else 0
+        chunk = loss_chunk_size(count, self.vocab_size, self.chunk_elements, weight_elements=weight_elements)
         safe = ops.clamp(labels, 0, self.vocab_size - 1).reshape(-1, 1)
         total = Tensor(0.0, ms.float32)
         for start in range(0, count, chunk):

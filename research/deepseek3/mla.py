@@ -1,6 +1,7 @@
 """Multi-head latent attention (MLA, DeepSeek-V2/V3) with decoupled RoPE and an additive mask: causal
 (`causal_mask`, [1, 1, S, S]) or, for rows packed with several documents, causal within each document
-(`document_causal_mask`, [B, 1, S, S]; on Ascend flash attention's TND layout does this instead).
+(`document_causal_mask`, [B, 1, S, S]; on Ascend with `use_flash_attention`, flash attention's TND layout
+does this instead: research/deepseek3/flash_attention.py).
 
 Per token x [H]:
   q      = q_b_proj(RMSNorm(q_a_proj(x)))        (or q_proj(x) when q_lora_rank is null) -> N heads of
@@ -11,17 +12,24 @@ Per token x [H]:
   out    = o_proj(concat_heads(softmax(score) v))
 Parameter names are the HF ones (`self_attn.q_a_proj.weight`, ...). The score/softmax/context part is its own
 parameter-free cell (`core`, see `attention_core`) so selective recompute can recompute exactly the S x S part:
-on Ascend the autodiff `AttentionCore`, elsewhere `RecomputingAttentionCore`, whose hand-written backward is
-cheaper on CPU.
+on Ascend the autodiff `AttentionCore` (or, with `use_flash_attention`, `flash_attention.FlashAttentionCore`,
+which reads the packed layout instead of a mask), elsewhere `RecomputingAttentionCore`, whose hand-written
+backward is cheaper on CPU.
 Projections, the q/k concatenations, the score/context batch matmuls, the scale, the mask add and the softmax
 are primitives declared in `shard_ops` (see layers.py); RoPE and the shared-key broadcast are left to sharding
 propagation.
 """
+import functools
+
 import mindspore as ms
 from mindspore import nn, ops
 
+from mindpretrain.utils.logging import get_logger
+from research.deepseek3.flash_attention import FlashAttentionCore
 from research.deepseek3.layers import Linear, RMSNorm, ms_dtype
 from research.deepseek3.rope import apply_rotary, softmax_scale
+
+logger = get_logger("deepseek3.attention")
 
 MASK_VALUE = -1.0e9
 
@@ -132,10 +140,25 @@ class RecomputingAttentionCore(AttentionCore):
 
 
 def attention_core(model_config, device_target=None):
-    """The recomputing core everywhere except Ascend, whose parallel plan shards the autodiff core's primitives
-    (and where MindFormers-style flash attention is the production path)."""
+    """The recomputing core everywhere except Ascend, whose parallel plan shards the autodiff core's primitives;
+    on Ascend with `use_flash_attention` (MindFormers' key) the flash-attention core (TND layout).
+
+    Elsewhere `use_flash_attention` is ignored with one notice, not refused: MindFormers' published YAMLs set
+    it, and they must load and run on CPU unchanged (planning, tests, the demo); FlashAttentionScore has no CPU
+    kernel, and the explicit-mask core computes the same attention."""
     device = str(device_target or ms.get_context("device_target")).upper()
+    if getattr(model_config, "use_flash_attention", False):
+        if device == "ASCEND":
+            return FlashAttentionCore(model_config)
+        _note_flash_attention_ignored(device)
     return AttentionCore(model_config) if device == "ASCEND" else RecomputingAttentionCore(model_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _note_flash_attention_ignored(device):
+    """Once per device and process (every layer asks)."""
+    logger.info("use_flash_attention: ignored on %s (FlashAttentionScore is an Ascend kernel); attention runs "
+                "through the explicit-mask core, which computes the same result", device)
 
 
 class MultiHeadLatentAttention(nn.Cell):

@@ -58,6 +58,12 @@ OP_SYMBOLS = {
     "attention.mask_add": (("dp", "mp", None, None), (None, None, None, None)),     # mask [1, 1, S, S]
     "attention.softmax": (("dp", "mp", None, None),),
     "attention.pv_bmm": (("dp", "mp", None, None), ("dp", "mp", None, None)),        # P V
+    # Flash-attention core (Ascend, use_flash_attention; research/deepseek3/flash_attention.py), TND layout as
+    # MindFormers shards it without context parallel: tokens T = B*S over dp (whole rows per rank), heads over
+    # mp; the compressed 2048 x 2048 causal mask replicated; actual_seq_qlen/kvlen [B*K] over dp with the rows.
+    "attention.flash_attention": (("dp", "mp", None), ("dp", "mp", None), ("dp", "mp", None), (None, None),
+                                  ("dp",), ("dp",)),
+    "attention.value_pad": (("dp", "mp", None), ("dp", "mp", None)),                # [v | zeros] to q's head dim
     **_rms_norm_symbols("attention.latent_norm", ("dp", None, None)),               # RMSNorm of q/kv latents
     # --- block-level --------------------------------------------------------------------------------------
     **_rms_norm_symbols("norm", ("dp", "sp", None)),                                # RMSNorm [B,S,H]

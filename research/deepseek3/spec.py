@@ -44,6 +44,14 @@ def cached_decoder(model, batch_size, max_length):
     return generation.cached_decoder(model, batch_size, max_length)
 
 
+def prepare_parallel(model, parallel_config):
+    """Flash-attention cores count their rows per data-parallel shard (MindSpore does not rewrite the TND segment
+    lists when it splits the batch): flash_attention.set_batch_shards."""
+    from research.deepseek3 import flash_attention
+
+    flash_attention.set_batch_shards(model, int(parallel_config.data_parallel))
+
+
 def without_mtp(model_config):
     """The same model without multi-token prediction (a per-layer recompute list loses its MTP entries)."""
     recompute = list(model_config.recompute)[:model_config.num_hidden_layers]
@@ -77,6 +85,7 @@ DEEPSEEK_V3_SPEC = register_spec(ModelSpec(
     planning=PLANNING,
     without_mtp=without_mtp,
     foreign_layouts=(MINDFORMERS_LAYOUT,),
+    prepare_parallel=prepare_parallel,
     cached_decoder=cached_decoder,
     # initialisation, special token ids, the length bound and dropout: the same weights compute the same function
     hf_config_ignored=("initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",

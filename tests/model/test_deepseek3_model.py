@@ -309,6 +309,9 @@ def test_fused_chunked_head_loss_matches_autodiff_of_the_plain_loss(tiny_model):
     assert loss_chunk_size(4096, 129280, 8 * 1024 * 1024) == 256          # capped at 16 chunks
     assert loss_chunk_size(30, 96, 4 * 96) == 4                           # 8 chunks, the last one of 2 rows
     assert loss_chunk_size(2048, 32000, None) == 2048                     # default: one chunk
+    # the 1B head (129280 x 2048): 256 tokens stay one chunk, a second 1 GiB partial gradient would cost more
+    assert loss_chunk_size(256, 129280, 16 * 1024 * 1024, weight_elements=129280 * 2048) == 256
+    assert loss_chunk_size(2048, 32000, 8 * 1024 * 1024, weight_elements=32000 * 256) == 256   # narrow: unchanged
     model_config = tiny_model.model_config
     ids, labels, _ = tiny_batch(model_config, seed=6)
     mask = Tensor((np.random.RandomState(6).rand(2, model_config.seq_length) > 0.3).astype(np.float32))
@@ -329,10 +332,12 @@ def test_fused_chunked_head_loss_matches_autodiff_of_the_plain_loss(tiny_model):
     default = cross_entropy.chunk_elements
     for chunk_elements in (default, 5 * model_config.vocab_size):      # one chunk; 7 chunks (six of 5 rows, one of 2)
         cross_entropy.chunk_elements = chunk_elements
+        cross_entropy.floor_at_weight_gradient = False          # the tiny head is narrower than 5 rows of logits
         try:
             value, grads = value_and_grads(fused_lm_loss)
         finally:
             cross_entropy.chunk_elements = default
+            cross_entropy.floor_at_weight_gradient = True
         assert value == pytest.approx(reference, rel=1e-6)
         for param, expected, actual in zip(weights, reference_grads, grads):
             # atol: chunked partial sums reorder float32 additions; gradients here are ~0.1, and one in 512

@@ -16,16 +16,10 @@ from mindpretrain.validation import ConfigError
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
 from research.deepseek3.mla import AttentionCore, RecomputingAttentionCore, document_causal_mask, document_ids
-from conftest import require_reference
+from conftest import packed_tiny_config, require_reference
 
 SEQ = 24
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
-            first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8,
-            v_head_dim=8, seq_length=SEQ, compute_dtype="float32", initializer_range=0.2,
-            num_nextn_predict_layers=1, seq_balance_loss_alpha=0.01,
-            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32.0,
-                          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+TINY = packed_tiny_config(SEQ)
 LENGTHS = (9, 7, 11)          # row 0 packs documents 0 and 1 (16 of 24 positions), row 1 holds document 2
 TOLERANCE = 1e-5
 
