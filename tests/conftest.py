@@ -103,6 +103,19 @@ def write_dataset(prefix, documents, dtype=np.int32):
     return str(prefix)
 
 
+def random_chat_documents(seed, count, lengths, vocab, bos=1, first_target=1):
+    """[(int32 tokens, uint8 target mask)] of SFT documents: BOS then random tokens of [2, vocab), lengths drawn
+    from `lengths` (low, high), the targets a suffix starting at or after `first_target` (the "answer")."""
+    rng = np.random.RandomState(seed)
+    documents = []
+    for _ in range(count):
+        length = int(rng.randint(*lengths))
+        mask = np.zeros(length, np.uint8)
+        mask[int(rng.randint(first_target, length)):] = 1
+        documents.append((np.concatenate(([bos], rng.randint(2, vocab, length - 1))).astype(np.int32), mask))
+    return documents
+
+
 def write_sft_dataset(prefix, documents):
     """An SFT prefix as tools/preprocess_sft_data.py writes it, from [(int32 tokens, uint8 target mask), ...]."""
     write_dataset(f"{prefix}_input_ids_document", [tokens for tokens, _ in documents], np.int32)

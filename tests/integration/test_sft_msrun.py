@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, write_sft_dataset
+from conftest import PROJECT_ROOT, random_chat_documents, write_sft_dataset
 from msrun_helpers import MsrunJob
 
 if str(PROJECT_ROOT) not in sys.path:
@@ -24,13 +24,7 @@ VOCAB, SEQ, STEPS = 64, 32, 4
 
 @pytest.fixture(scope="module")
 def sft_prefix(tmp_path_factory):
-    rng = np.random.RandomState(17)
-    documents = []
-    for _ in range(80):
-        length = int(rng.randint(4, 24))
-        mask = np.zeros(length, np.uint8)
-        mask[int(rng.randint(1, length)):] = 1
-        documents.append((np.concatenate(([1], rng.randint(2, VOCAB, length - 1))).astype(np.int32), mask))
+    documents = random_chat_documents(17, 80, (4, 24), VOCAB)
     return write_sft_dataset(tmp_path_factory.mktemp("sft") / "chat", documents)
 
 

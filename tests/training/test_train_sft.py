@@ -7,7 +7,7 @@ at all changes its loss; the target counts logged per step are recomputed here f
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, STANDIN_MODEL, write_mindrecord, write_sft_dataset
+from conftest import PROJECT_ROOT, STANDIN_MODEL, random_chat_documents, write_mindrecord, write_sft_dataset
 
 ms = pytest.importorskip("mindspore")
 
@@ -24,14 +24,7 @@ pytestmark = pytest.mark.usefixtures("standin_graph_mode")
 
 @pytest.fixture(scope="module")
 def sft_prefix(tmp_path_factory):
-    rng = np.random.RandomState(5)
-    documents = []
-    for _ in range(60):
-        length = int(rng.randint(4, 20))
-        tokens = np.concatenate(([1], rng.randint(2, VOCAB, length - 1))).astype(np.int32)
-        mask = np.zeros(length, np.uint8)
-        mask[int(rng.randint(1, length)):] = 1          # the answer: a suffix of the conversation
-        documents.append((tokens, mask))
+    documents = random_chat_documents(5, 60, (4, 20), VOCAB)
     return write_sft_dataset(tmp_path_factory.mktemp("sft") / "chat", documents)
 
 
@@ -102,13 +95,7 @@ def test_tiny_deepseek_v3_packed_rows_per_token_loss_ignore_the_micro_batching(t
     from mindpretrain import registry
 
     registry.import_register_path(str(PROJECT_ROOT / "research" / "deepseek3"))
-    rng = np.random.RandomState(9)
-    documents = []
-    for _ in range(40):
-        length = int(rng.randint(6, 40))
-        mask = np.zeros(length, np.uint8)
-        mask[int(rng.randint(2, length)):] = 1
-        documents.append((np.concatenate(([0], rng.randint(2, 129000, length - 1))).astype(np.int32), mask))
+    documents = random_chat_documents(9, 40, (6, 40), 129000, bos=0, first_target=2)
     prefix = write_sft_dataset(tmp_path / "chat", documents)
 
     def run(batch, accumulation, name):
