@@ -267,6 +267,7 @@ class ResumePoint(NamedTuple):
     step: int
     consumed_samples: int
     skipped_steps: int
+    extra: dict = None     # what the run's loop stored beside its counters (`save(extra_state=...)`)
 
 
 def resumable_directory(location):
@@ -305,8 +306,11 @@ class CheckpointManager:
     def expected_shapes(self):
         return {name: tuple(param.shape) for name, param in self.params.items()}
 
-    def save(self, step, consumed_samples, skipped_steps):
-        """Write checkpoint `step` (rank 0 only; returns its directory, None on other ranks)."""
+    def save(self, step, consumed_samples, skipped_steps, extra_state=None):
+        """Write checkpoint `step` (rank 0 only; returns its directory, None on other ranks).
+
+        `extra_state`: a JSON-serialisable dict of a loop's own resume state (e.g. the GRPO prompt sampler),
+        returned by `resume` as `ResumePoint.extra`."""
         if self.dp.process_rank != 0:
             return None
         state = {"consumed_samples": consumed_samples, "skipped_steps": skipped_steps,
@@ -314,6 +318,8 @@ class CheckpointManager:
                  "rng": capture_rng_state(),
                  "loss_scale": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
                  "parameter_shapes": {name: list(shape) for name, shape in self.expected_shapes().items()}}
+        if extra_state is not None:
+            state["extra"] = extra_state
         directory = save_checkpoint(self.root, step, self.params, self.optimizer.state_parameters(), state,
                                     self.settings.run_config.to_dict(), keep_last=self.settings.keep_last)
         train_logger.info("saved checkpoint %s", directory)
@@ -340,7 +346,7 @@ class CheckpointManager:
                 f"consumed samples are not a multiple of batch_size * dp ({batch} x {dp_size}); resume with the "
                 "batch layout of the checkpoint")
         point = ResumePoint(directory, int(state["step"]), int(state["consumed_samples"]),
-                            int(state.get("skipped_steps", 0)))
+                            int(state.get("skipped_steps", 0)), state.get("extra"))
         restore_rng_state(state.get("rng"))
         self._restore_loss_scale(state.get("loss_scale"), directory)
         train_logger.info("resumed from %s: step %d, %d samples consumed", directory, point.step,
