@@ -13,7 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from mindpretrain.checkpoint import fp8
-from mindpretrain.checkpoint.safetensors_io import INDEX_FILE, SafetensorsError, open_safetensors, read_index
+from mindpretrain.checkpoint.safetensors_io import (INDEX_FILE, SafetensorsError, open_tensor_file, read_index,
+                                                   weight_files)
 
 FLOAT_SOURCE_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
 ITEM_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
@@ -125,7 +126,7 @@ class Problems:
 
 
 def inventory(directory, problems, file_filter=None):
-    """OrderedDict name -> SourceTensor of a safetensors checkpoint directory, in file and offset order.
+    """OrderedDict name -> SourceTensor of a checkpoint directory (safetensors, or one MindSpore .ckpt), in file order.
 
     With an index, only the files it names are read, every name it lists must be in the file it names, and a
     name stored in two files is reported. Unreadable or truncated shards are reported, not raised.
@@ -140,11 +141,14 @@ def inventory(directory, problems, file_filter=None):
     if weight_map is not None:
         files = sorted(set(weight_map.values()))
     else:
-        files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+        try:
+            files = [os.path.relpath(path, directory) for path in weight_files(directory)]
+        except SafetensorsError as error:
+            raise ConversionError(str(error)) from None
     if file_filter is not None:
         files = [name for name in files if file_filter(name)]
     if not files:
-        raise ConversionError(f"{directory} holds no *.safetensors file")
+        raise ConversionError(f"{directory} holds no *.safetensors file and no MindSpore .ckpt file")
     found = OrderedDict()
     for file_name in files:
         path = os.path.join(directory, file_name)
@@ -152,7 +156,7 @@ def inventory(directory, problems, file_filter=None):
             problems.add("missing shard files", f"{file_name} (named by {INDEX_FILE})")
             continue
         try:
-            with open_safetensors(path) as handle:
+            with open_tensor_file(path) as handle:
                 for name in handle.keys():
                     dtype, shape = handle.info(name)
                     if name in found:

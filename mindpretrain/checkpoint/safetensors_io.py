@@ -230,6 +230,28 @@ def open_safetensors(path):
     return SafetensorsFile(path)
 
 
+def open_tensor_file(path):
+    """A reader for one weights file: safetensors, or a MindSpore `.ckpt` (same interface, parsed whole)."""
+    from mindpretrain.checkpoint.mindspore_ckpt import CKPT_SUFFIX, MindSporeCheckpointFile
+
+    return MindSporeCheckpointFile(path) if str(path).endswith(CKPT_SUFFIX) else SafetensorsFile(path)
+
+
+def weight_files(location):
+    """The weights files of a checkpoint location: its `*.safetensors` files (sorted), else the one MindSpore
+    `.ckpt` file it means (`mindspore_ckpt.resolve_ckpt_file`: the file itself, a directory's newest, or the one
+    in MindFormers' `rank_0/`); [] when there is neither."""
+    from mindpretrain.checkpoint.mindspore_ckpt import resolve_ckpt_file
+
+    location = str(location)
+    if os.path.isdir(location):
+        files = sorted(name for name in os.listdir(location) if name.endswith(".safetensors"))
+        if files:
+            return [os.path.join(location, name) for name in files]
+    ckpt = resolve_ckpt_file(location)
+    return [ckpt] if ckpt else []
+
+
 def encode_header(entries, metadata=None):
     """The length-prefixed JSON header for `entries` ({name: {dtype, shape, data_offsets}}), padded so that
     tensor data starts 8-byte aligned, as the reference implementation writes it."""
@@ -335,19 +357,23 @@ def read_index(directory):
 
 
 class OpenFiles(OpenOnce):
-    """Opens each safetensors file once, on first use, and closes them together (see `OpenOnce`)."""
+    """Opens each weights file (safetensors or `.ckpt`) once, on first use, and closes them together (see
+    `OpenOnce`)."""
 
     def __init__(self):
-        super().__init__(open_safetensors)
+        super().__init__(open_tensor_file)
 
 
 def read_checkpoint_dir(directory):
-    """Map each tensor name of a safetensors checkpoint directory to the file holding it.
+    """Map each tensor name of a checkpoint directory to the file holding it.
 
     Uses `model.safetensors.index.json` when present (and checks that every file it names
-    exists); otherwise every `*.safetensors` file in the directory. A name in two files is an error.
+    exists); otherwise every `*.safetensors` file in the directory, or else the MindSpore `.ckpt` file
+    it holds (`weight_files`; `directory` may also be that file). A name in two files is an error.
     """
     directory = str(directory)
+    if os.path.isfile(directory) and weight_files(directory):
+        return _locate(weight_files(directory))
     if not os.path.isdir(directory):
         raise SafetensorsError(f"checkpoint directory {directory} does not exist")
     weight_map = read_index(directory)
@@ -357,13 +383,17 @@ def read_checkpoint_dir(directory):
         if missing:
             raise SafetensorsError(f"{os.path.join(directory, INDEX_FILE)} names shard files that are missing: {', '.join(missing)}")
         return {name: os.path.join(directory, file) for name, file in weight_map.items()}
-    files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+    files = weight_files(directory)
     if not files:
-        raise SafetensorsError(f"{directory} holds no *.safetensors file and no {INDEX_FILE}")
+        raise SafetensorsError(f"{directory} holds no *.safetensors file, no {INDEX_FILE} and no MindSpore .ckpt file")
+    return _locate(files)
+
+
+def _locate(paths):
+    """{tensor name: file} over `paths`; a name in two files is an error."""
     located = {}
-    for file in files:
-        path = os.path.join(directory, file)
-        with open_safetensors(path) as handle:
+    for path in paths:
+        with open_tensor_file(path) as handle:
             for name in handle.keys():
                 if name in located:
                     raise SafetensorsError(f"tensor {name!r} is stored twice: in {located[name]} and {path}")

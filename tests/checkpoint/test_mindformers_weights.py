@@ -257,3 +257,89 @@ def test_converter_refuses_an_unknown_mindformers_name(tiny, tmp_path):
     with pytest.raises(ConversionError, match=r"unexpected \(a MindFormers name[\s\S]*feed_forward\.w4\.weight"):
         convert_hf_to_native(broken, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# MindSpore .ckpt files (CheckpointMonitor with checkpoint_format: ckpt)
+# ------------------------------------------------------------------------------------------------------
+
+def write_mindformers_ckpt(hf_dir, checkpoint_dir, step, dtype=None, scale=1.0):
+    """One rank's save as MindFormers' CheckpointMonitor lays it out:
+    checkpoint/rank_0/deepseekv3_rank_0-1_<step>.ckpt, weights (x `scale`) and optimizer state under its names."""
+    import mindspore as ms
+    from safetensors.torch import load_file
+
+    hf = {}
+    for path in set(read_checkpoint_dir(hf_dir).values()):
+        hf.update(load_file(path))
+    tensors = to_mindformers(hf, "bmm")
+    rank_dir = os.path.join(checkpoint_dir, "rank_0")
+    os.makedirs(rank_dir, exist_ok=True)
+    records = []
+    for name, tensor in tensors.items():
+        value = ms.Tensor(tensor.float().numpy() * scale)
+        records.append({"name": name, "data": value.astype(dtype) if dtype is not None else value})
+    records.append({"name": "adam_m.model.norm_out.weight", "data": ms.Tensor(np.zeros(TINY_CONFIG["hidden_size"],
+                                                                                        np.float32))})
+    records.append({"name": "global_step", "data": ms.Tensor(np.array([step], np.int32))})
+    path = os.path.join(rank_dir, f"deepseekv3_rank_0-1_{step}.ckpt")
+    ms.save_checkpoint(records, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_run(tiny):
+    """A MindFormers output folder with two saves; the older one holds other values (the newest must win)."""
+    checkpoint_dir = str(tiny["root"] / "mf_ckpt" / "checkpoint")
+    write_mindformers_ckpt(tiny["hf_dir"], checkpoint_dir, step=1, scale=0.5)
+    newest = write_mindformers_ckpt(tiny["hf_dir"], checkpoint_dir, step=2)
+    os.utime(newest, (1, 1))        # older on disk than step 1: the choice is by the step in the name
+    return checkpoint_dir, newest
+
+
+def test_mindspore_ckpt_loads_the_newest_save_as_the_hf_tensors(model, from_hf, ckpt_run):
+    checkpoint_dir, newest = ckpt_run
+    for location in (checkpoint_dir, os.path.dirname(newest), newest):
+        loaded = load(model, location)
+        assert set(loaded) == set(from_hf)
+        for name, value in from_hf.items():
+            np.testing.assert_array_equal(loaded[name], value, err_msg=f"{location}: {name}")
+
+
+def test_bf16_mindspore_ckpt_converts_bit_for_bit(tiny, tmp_path):
+    import mindspore as ms
+
+    path = write_mindformers_ckpt(tiny["hf_dir"], str(tmp_path / "ckpt"), step=3, dtype=ms.bfloat16)
+    source = os.path.dirname(path)
+    shutil.copy(os.path.join(tiny["hf_dir"], "config.json"), os.path.join(source, "config.json"))
+    hf_bf16 = str(tmp_path / "hf_bf16")
+    convert_hf_to_native(tiny["hf_dir"], hf_bf16, dtype="bf16")
+    convert_hf_to_native(source, str(tmp_path / "from_ckpt"), dtype="bf16")
+    expected, written = read_bits(hf_bf16), read_bits(str(tmp_path / "from_ckpt"))
+    compared = 0
+    for name, (dtype, bits) in expected.items():
+        if dtype == "BF16":
+            np.testing.assert_array_equal(written[name][1], bits, err_msg=name)
+            compared += 1
+    assert compared > 10
+
+
+def test_per_rank_ckpt_shards_are_refused_with_the_way_out(tiny, model, tmp_path):
+    from mindpretrain.training.checkpoint import CheckpointError
+    from mindpretrain.checkpoint.safetensors_io import SafetensorsError
+
+    checkpoint_dir = str(tmp_path / "checkpoint")
+    write_mindformers_ckpt(tiny["hf_dir"], checkpoint_dir, step=1)
+    os.makedirs(os.path.join(checkpoint_dir, "rank_1"))
+    with pytest.raises((CheckpointError, SafetensorsError), match=r"rank_0, rank_1.*integrated_save: True"):
+        load(model, checkpoint_dir)
+
+
+def test_a_corrupt_ckpt_is_named(model, tmp_path):
+    from mindpretrain.training.checkpoint import CheckpointError
+    from mindpretrain.checkpoint.safetensors_io import SafetensorsError
+
+    broken = tmp_path / "deepseekv3_rank_0-1_2.ckpt"
+    broken.write_bytes(b"\x08\x01not a protobuf checkpoint")
+    with pytest.raises((CheckpointError, SafetensorsError), match=r"cannot read MindSpore checkpoint .*\.ckpt"):
+        load(model, str(tmp_path))
