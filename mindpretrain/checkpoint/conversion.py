@@ -375,15 +375,33 @@ def _check_duplicates(checks):
 # native -> HF
 # ----------------------------------------------------------------------------------------------------------
 
+def _mtp_left_out(checkpoint, spec, model_config, found):
+    """True when `checkpoint` was converted with --mtp init from weights without MTP layers and still has none:
+    its export then has none either (as the transformers checkpoint it came from), config.json unchanged."""
+    marker_path = os.path.join(checkpoint, NATIVE_MARKER)
+    if not os.path.isfile(marker_path):
+        return False
+    with open(marker_path, "r", encoding="utf-8") as handle:
+        source = (json.load(handle).get("source") or {})
+    mtp_names, _ = spec.mtp_names(model_config)
+    return source.get("mtp") == "init" and bool(mtp_names) and not mtp_names & set(found)
+
+
 def plan_native_to_hf(checkpoint, dtype="bf16", quantise_fp8=False, max_shard_size=DEFAULT_MAX_SHARD, spec=None):
-    """(model config, shards) for exporting `checkpoint`; raises ConversionError listing every problem."""
+    """(model config, shards, names the export must hold) for exporting `checkpoint`; raises ConversionError
+    listing every problem."""
     spec = spec or spec_of_native(checkpoint)
     out_dtype = _out_dtype(dtype)
     model_config = load_native_config(checkpoint, spec)
-    expected = spec.parameter_shapes(model_config)
-    duplicates = spec.release_duplicates(model_config)
     problems = Problems()
     found = inventory(checkpoint, problems)
+    weights_config = model_config
+    if _mtp_left_out(checkpoint, spec, model_config, found):
+        weights_config = spec.without_mtp(model_config)
+        logger.warning("%s came from weights without MTP layers (--mtp init) and was not trained since: the "
+                       "export has no MTP layers either; config.json keeps the MTP depth", checkpoint)
+    expected = spec.parameter_shapes(weights_config)
+    duplicates = spec.release_duplicates(weights_config)
     sources, _ = match_sources(found, expected, problems, ignored_prefixes=IGNORED_NATIVE_PREFIXES)
     problems.raise_if_any(f"checkpoint {checkpoint} does not fit its config ({spec.describe(model_config)})")
     jobs = []
@@ -395,7 +413,7 @@ def plan_native_to_hf(checkpoint, dtype="bf16", quantise_fp8=False, max_shard_si
         jobs.append(TensorJob(copy, tensor, out_dtype, scale=scale))
     release_order = {name: i for i, name in enumerate(list(expected) + list(duplicates))}
     jobs.sort(key=lambda job: release_order[job.name])
-    return model_config, layout_shards(jobs, parse_size(max_shard_size))
+    return model_config, layout_shards(jobs, parse_size(max_shard_size)), list(release_order)
 
 
 def convert_native_to_hf(checkpoint, output_dir, dtype="bf16", quantise_fp8=False, tokenizer_dir=None, workers=1,
@@ -407,8 +425,7 @@ def convert_native_to_hf(checkpoint, output_dir, dtype="bf16", quantise_fp8=Fals
     check_output_free(output_dir)
     spec = spec or spec_of_native(checkpoint)
     started = time.monotonic()
-    model_config, shards = plan_native_to_hf(checkpoint, dtype, quantise_fp8, max_shard_size, spec)
-    required = list(spec.parameter_shapes(model_config)) + list(spec.release_duplicates(model_config))
+    model_config, shards, required = plan_native_to_hf(checkpoint, dtype, quantise_fp8, max_shard_size, spec)
     tokenizer_files = _tokenizer_files(tokenizer_dir)
     with _StagingDirectory(output_dir) as staging:
         progress = _execute(shards, staging.path, "native->hf", workers, {"format": "pt"})

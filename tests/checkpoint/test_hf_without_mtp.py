@@ -206,3 +206,28 @@ def test_run_mindformer_flag_reaches_the_run_config():
     assert "load_checkpoint_mtp" not in run_config
     with pytest.raises(SystemExit):
         run_mindformer.build_parser().parse_args(["--config", config, "--mtp", "maybe"])
+
+
+def test_init_conversion_exports_back_to_what_transformers_saved(saved, tmp_path):
+    from mindpretrain.checkpoint.conversion import convert_native_to_hf
+
+    native, back = str(tmp_path / "native"), str(tmp_path / "back")
+    convert_hf_to_native(saved["hf_dir"], native, dtype="fp32")                  # --mtp init
+    convert_native_to_hf(native, back, dtype="fp32")
+    exported, source = read_bits(back), read_bits(saved["hf_dir"])
+    assert set(exported) == set(source)
+    for name, (dtype, bits) in source.items():
+        assert exported[name][0] == dtype, name
+        np.testing.assert_array_equal(exported[name][1], bits, err_msg=name)
+    assert json.load(open(os.path.join(back, "config.json")))["num_nextn_predict_layers"] == 1
+
+
+def test_native_weights_missing_mtp_without_the_init_record_are_refused(saved, tmp_path):
+    from mindpretrain.checkpoint.conversion import convert_native_to_hf
+
+    native = str(tmp_path / "native")
+    convert_hf_to_native(saved["hf_dir"], native, dtype="fp32")
+    os.remove(os.path.join(native, NATIVE_MARKER))          # no record that the MTP layers were left out on purpose
+    with pytest.raises(ConversionError, match=r"missing \(42\)[\s\S]*model\.layers\.3\.eh_proj\.weight"):
+        convert_native_to_hf(native, str(tmp_path / "back"), dtype="fp32")
+    assert not (tmp_path / "back").exists()
