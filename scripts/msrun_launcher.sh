@@ -18,6 +18,8 @@
 # exits without starting anything, so the parsing can be tested and checked before a long job.
 # MSRUN_EXTRA_ARGS adds msrun options, e.g. MSRUN_EXTRA_ARGS="--tail_worker_log=0" (JOIN True: show
 # only worker 0's log on the console) or "--bind_core=True".
+# When a worker fails (JOIN True), the console ends with one line per failed worker naming its log and its
+# `run_mindformer.py: error:` line, and the exit status is 1 (instead of msrun's own Python traceback).
 # GLOG_v is MindSpore's own log level in msrun, the scheduler and the workers (0 debug, 1 info,
 # 2 warning, 3 error). Unset, it is 3 and MindSpore logs to files in LOG_DIR/mindspore, copying only
 # its errors to the worker logs, which then hold the run's own lines (MindSpore's threads print two
@@ -128,4 +130,10 @@ if [ "$DRY_RUN" = 1 ]; then
     exit 0
 fi
 mkdir -p "$LOG_DIR" ${GLOG_log_dir:+"$GLOG_log_dir"}
+# msrun ends a job whose worker failed with a Python traceback of its own; scripts/msrun_console.py runs the
+# same msrun in the same interpreter (its script's #! line) and prints which worker failed and why instead.
+read -r -a SHEBANG <<< "$(head -n 1 "$MSRUN" 2>/dev/null | sed -n 's/^#! *//p')"
+if [ "${#SHEBANG[@]}" -gt 0 ] && [[ "${SHEBANG[*]}" == *python* ]]; then
+    exec "${SHEBANG[@]}" "$ROOT/scripts/msrun_console.py" "${COMMAND[@]:1}"
+fi
 exec "${COMMAND[@]}"

@@ -3,7 +3,8 @@ scripts/msrun_launcher.sh) pointed at a data prefix that does not exist.
 
 Each worker's log must hold our own log lines and the one `run_mindformer.py: error:` line naming the
 missing file: no Python traceback and none of MindSpore's C++ [WARNING]/[INFO] lines (the launcher sets
-GLOG_v=3 and sends MindSpore's own log to files). msrun must report the failure with a non-zero exit.
+GLOG_v=3 and sends MindSpore's own log to files). The launcher must report the failure with exit status 1 and
+name the failed workers' logs and error lines on its console, without msrun's Python traceback.
 One launch only: msrun tests are slow.
 """
 import pytest
@@ -29,8 +30,14 @@ def test_missing_data_file_gives_one_line_in_each_worker_log(tmp_path, monkeypat
     with MsrunJob(command, WORKERS, tmp_path / "msrun_log") as job:
         code = job.wait(LAUNCH_TIMEOUT)
         logs = [worker_log(job, rank) for rank in range(WORKERS)]
-        report = job.report()
-    assert code != 0, report
+        report, console = job.report(), job.output
+    assert code == 1, report
+    # the launcher's console names the failed workers' logs and their error line, without msrun's traceback
+    assert "Traceback" not in console, console
+    assert "msrun_launcher.sh: error: a worker failed" in console, console
+    expected = f"run_mindformer.py: error: {missing}.idx: file not found"
+    assert any(line.startswith("msrun_launcher.sh: worker_") and expected in line for line in console.splitlines()), \
+        console
     for rank, log in enumerate(logs):
         errors, foreign = sort_log_lines(log)
         assert errors == [f"run_mindformer.py: error: {missing}.idx: file not found (data prefix '{missing}')"], \
