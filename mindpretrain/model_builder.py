@@ -133,10 +133,13 @@ def _run_yaml_path(key, moe_place):
     return f"model.model_config.{key}"
 
 
-def build_model(run_config, device_target):
-    """Model config and model from `model.model_config` / `model.arch` through the registry."""
+def build_model(run_config, device_target, configure=None):
+    """Model config and model from `model.model_config` / `model.arch` through the registry; `configure(model
+    config)` runs in between (e.g. to attach the rank's expert layout, which needs the config's expert count)."""
     arch = dict((run_config.get("model") or {}).get("arch") or {})
     require("type" in arch, "model.arch.type", None, "must name a registered model class")
     model_config = build_model_config(run_config, device_target)
+    if configure is not None:
+        configure(model_config)
     model = registry.get("model", arch["type"])(model_config)
     return model_config, model

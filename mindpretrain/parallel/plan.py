@@ -125,6 +125,25 @@ def apply_parallel_plan(plan, model=None, parallel_config=None, model_config=Non
     return None
 
 
+def expert_layout_for(plan, parallel_config, model_config, device_target):
+    """The routed experts' split over ranks when this rank holds only its slice (DATA_PARALLEL with
+    `expert_parallel > 1`, token exchange by the model's dispatcher), else None: every rank holds every expert
+    (stand-alone, where parallel_config does not apply; ep 1), or semi-auto parallel splits them through the
+    shard strategies."""
+    ep = getattr(parallel_config, "expert_parallel", 1) if parallel_config is not None else 1
+    num_experts = getattr(model_config, "n_routed_experts", 0) or 0
+    if ep <= 1 or num_experts == 0:
+        return None
+    if plan.mode != DATA_PARALLEL:        # one process holds every expert; semi-auto: the shard strategies
+        return None
+    from mindpretrain.parallel.expert_groups import ExpertLayout, check_runtime_support, default_dispatcher
+
+    dispatcher = getattr(model_config, "moe_token_dispatcher_type", None) or default_dispatcher(device_target)
+    layout = ExpertLayout(num_experts, ep, plan.data_parallel, plan.data_rank, dispatcher)
+    check_runtime_support(layout, device_target)
+    return layout
+
+
 def prepare_model(plan, model, model_config, parallel_config, world_size):
     """Apply `plan` to a built model. Under semi-auto parallel the layout is first checked against the model
     (divisibility, experts, pipeline placement) so nothing compiles on a layout that cannot work, and the

@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from mindpretrain.checkpoint.safetensors_io import SafetensorsError, open_safetensors, save_safetensors
+from mindpretrain.parallel.expert_groups import full_model_shapes, gather_full_tensors, keeps_parameter
 from mindpretrain.validation import require
 from mindpretrain.utils.atomic_files import atomic_write, atomic_write_json
 from mindpretrain.utils.logging import get_logger
@@ -294,23 +295,34 @@ class CheckpointManager:
     process of global rank 0 writes (every rank holds the same state); every rank reads.
     """
 
-    def __init__(self, settings, dp, params, optimizer, loss_scaler=None, model=None, model_config=None):
+    def __init__(self, settings, dp, params, optimizer, loss_scaler=None, model=None, model_config=None,
+                 expert_layout=None):
         self.settings, self.dp = settings, dp
         self.params, self.optimizer, self.loss_scaler = params, optimizer, loss_scaler
         self.model, self.model_config = model, model_config
+        # experts partitioned over ranks (mindpretrain.parallel.expert_groups): checkpoints still hold every
+        # expert under its HF name, so a run saved at one expert_parallel resumes at another
+        self.expert_layout = expert_layout
 
     @property
     def root(self):
         return checkpoint_root(self.settings.output_dir)
 
     def expected_shapes(self):
-        return {name: tuple(param.shape) for name, param in self.params.items()}
+        """Shapes of the whole model (every expert, whichever rank holds it): what a checkpoint holds."""
+        return full_model_shapes({name: tuple(param.shape) for name, param in self.params.items()},
+                                 self.expert_layout)
 
     def save(self, step, consumed_samples, skipped_steps, extra_state=None):
         """Write checkpoint `step` (rank 0 only; returns its directory, None on other ranks).
 
         `extra_state`: a JSON-serialisable dict of a loop's own resume state (e.g. the GRPO prompt sampler),
-        returned by `resume` as `ResumePoint.extra`."""
+        returned by `resume` as `ResumePoint.extra`. With partitioned experts every rank takes part (the other
+        ranks' experts and their optimizer moments are gathered to write full tensors)."""
+        params, optimizer_state = self.params, self.optimizer.state_parameters()
+        if self.expert_layout is not None and self.expert_layout.partitioned:
+            params = gather_full_tensors(params, self.expert_layout)
+            optimizer_state = gather_full_tensors(optimizer_state, self.expert_layout)
         if self.dp.process_rank != 0:
             return None
         state = {"consumed_samples": consumed_samples, "skipped_steps": skipped_steps,
@@ -320,7 +332,7 @@ class CheckpointManager:
                  "parameter_shapes": {name: list(shape) for name, shape in self.expected_shapes().items()}}
         if extra_state is not None:
             state["extra"] = extra_state
-        directory = save_checkpoint(self.root, step, self.params, self.optimizer.state_parameters(), state,
+        directory = save_checkpoint(self.root, step, params, optimizer_state, state,
                                     self.settings.run_config.to_dict(), keep_last=self.settings.keep_last)
         train_logger.info("saved checkpoint %s", directory)
         return directory
@@ -335,11 +347,12 @@ class CheckpointManager:
             return None
         check_shapes(directory, self.expected_shapes())
         optimizer_state = self.optimizer.state_parameters()
-        check_shapes(directory, {name: tuple(p.shape) for name, p in optimizer_state.items()},
-                     OPTIMIZER_FILE, OPTIMIZER_PREFIX)
+        check_shapes(directory, full_model_shapes({name: tuple(p.shape) for name, p in optimizer_state.items()},
+                                                  self.expert_layout), OPTIMIZER_FILE, OPTIMIZER_PREFIX)
         self._load_model_tensors(directory)
         for name, array in read_tensors(directory, OPTIMIZER_FILE, OPTIMIZER_PREFIX).items():
-            _assign(optimizer_state[name], array, directory)
+            if keeps_parameter(self.expert_layout, name):
+                _assign(optimizer_state[name], array, directory)
         state = read_trainer_state(directory)
         batch, dp_size = self.settings.micro_batch_size, self.dp.size
         require(state["consumed_samples"] % (batch * dp_size) == 0, "resume", state["consumed_samples"],
@@ -355,7 +368,8 @@ class CheckpointManager:
 
     def _load_model_tensors(self, directory):
         for name, array in read_tensors(directory, MODEL_FILE).items():
-            _assign(self.params[name], array, directory)
+            if keeps_parameter(self.expert_layout, name):      # this rank's slice of the experts
+                _assign(self.params[name], array, directory)
 
     def _restore_loss_scale(self, saved, directory):
         if self.loss_scaler is None:

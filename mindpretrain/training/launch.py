@@ -129,6 +129,17 @@ def log_no_effect_notice(settings, model_config, rank):
     return notice
 
 
+def _attach_expert_layout(plan, parallel_config, model_config, device_target):
+    """Experts split over the data-parallel ranks: the model builds only this rank's slice (expert_groups.py)."""
+    from mindpretrain.parallel.plan import expert_layout_for
+
+    layout = expert_layout_for(plan, parallel_config, model_config, device_target)
+    model_config.expert_layout = layout
+    if layout is not None and plan.data_rank == 0:
+        logger.info("expert parallel: %d experts over %d ranks (%d per rank, %s dispatcher)", layout.num_experts,
+                    layout.expert_parallel, layout.experts_per_rank, layout.dispatcher)
+
+
 def setup_run(run_config):
     """Set up this process for the resolved run YAML (`run_mindformer.resolve_config`) and build its model.
 
@@ -147,7 +158,9 @@ def setup_run(run_config):
     plan = parallel_plan.plan_parallel(device_target, run_config.get("use_parallel"), world_size, rank,
                                        parallel_config)
     seed_everything(int(run_config.get("seed", 0) or 0))
-    model_config, model = build_model(run_config, device_target)
+    model_config, model = build_model(run_config, device_target,
+                                      lambda config: _attach_expert_layout(plan, parallel_config, config,
+                                                                           device_target))
     parallel_plan.prepare_model(plan, model, model_config, parallel_config, world_size)
     apply_batch_size_factor(run_config, plan.batch_size_factor)
     logger.info("rank %d/%d on %s, parallel mode %s", rank, world_size, device_target, plan.mode)

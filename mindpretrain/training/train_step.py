@@ -66,6 +66,17 @@ def _all_reduce_one(all_reduce, tensor):
     return all_reduce(tensor)
 
 
+_all_reduce_shared = ops.MultitypeFuncGraph("all_reduce_shared")
+
+
+@_all_reduce_shared.register("Function", "Bool", "Tensor")
+def _all_reduce_unless_local(all_reduce, local, tensor):
+    """Sum over the ranks unless the parameter lives on this rank only (a partitioned expert's slice)."""
+    if local:
+        return tensor
+    return all_reduce(tensor)
+
+
 class ScaledLossCell(nn.Cell):
     """The model with its differentiated output multiplied by `loss_scale` (the unscaled loss and
     the other outputs follow as auxiliary outputs, which value_and_grad does not differentiate)."""
@@ -88,8 +99,16 @@ class ForwardBackwardCell(nn.Cell):
     target_tokens the global loss-mask sum; expert_load is summed, and the gradients are averaged."""
 
     def __init__(self, network, weights, accumulation_steps=1, dp_size=1, loss_scaling=False,
-                 per_token_loss=False):
+                 per_token_loss=False, local_weights=None):
         super().__init__(auto_prefix=False)
+        # expert parallelism (expert_parallel == dp): flags of the weights this rank alone holds; their gradient
+        # already sums every rank's tokens (research/deepseek3/expert_parallel.py), so it is not all-reduced,
+        # and its share of the squared norm is summed over the ranks instead
+        self.local_flags = tuple(bool(flag) for flag in local_weights) if local_weights is not None else None
+        if self.local_flags is not None and not any(self.local_flags):
+            self.local_flags = None
+        self.local_mask = (Tensor([1.0 if flag else 0.0 for flag in self.local_flags], ms.float32)
+                           if self.local_flags is not None else None)
         self.loss_scaling = bool(loss_scaling)
         self.per_token_loss = bool(per_token_loss)
         self.network = ScaledLossCell(network) if self.loss_scaling else network
@@ -139,8 +158,11 @@ class ForwardBackwardCell(nn.Cell):
         stop = stop_flag * self.accumulation_steps
         losses = ops.stack((loss, lm_loss, mtp_loss, balance_loss, stop)).astype(ms.float32)
         expert_load = expert_load.astype(ms.float32)
-        if self.dp_size > 1:
+        if self.dp_size > 1 and self.local_flags is not None:
+            grads = self.hyper_map(ops.partial(_all_reduce_shared, self.all_reduce), self.local_flags, grads)
+        elif self.dp_size > 1:
             grads = self.hyper_map(ops.partial(_all_reduce_sum, self.all_reduce), grads)
+        if self.dp_size > 1:
             losses = self.all_reduce(losses)
             expert_load = self.all_reduce(expert_load)
         if self.loss_scaling:
@@ -148,8 +170,16 @@ class ForwardBackwardCell(nn.Cell):
         elif self.accumulation_steps * self.dp_size > 1:      # x 1.0 would only copy every gradient
             grads = self.hyper_map(ops.partial(_scale, self.average), grads)
         losses = ops.concat((losses, targets.reshape(1))) * self.output_scale
+        if self.local_flags is not None and self.dp_size > 1:
+            return losses, expert_load, self._partitioned_norm(grads), grads
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         return losses, expert_load, grad_norm, grads
+
+    def _partitioned_norm(self, grads):
+        """Global norm when some gradients live on one rank each: shared squares once, local squares summed."""
+        squares = ops.stack(self.hyper_map(_square_sum, grads))
+        local = (squares * self.local_mask).sum()
+        return ops.sqrt((squares * (1.0 - self.local_mask)).sum() + self.all_reduce(local))
 
 
 class ApplyUpdateCell(nn.Cell):

@@ -47,6 +47,16 @@ def model_parameters(model):
     return {param.name: param for param in model.get_parameters()}
 
 
+def local_weight_flags(weights, expert_layout):
+    """Per trainable weight: True when only this rank holds it (a routed expert of a split layout), else None
+    when nothing is split. Those gradients already sum every rank's tokens and skip the data-parallel reduce."""
+    if expert_layout is None or not expert_layout.partitioned:
+        return None
+    from mindpretrain.parallel.expert_groups import expert_index
+
+    return [expert_index(param.name) is not None for param in weights]
+
+
 class StepOutcome(NamedTuple):
     """One train step as the loop and the metrics see it."""
 
@@ -83,10 +93,12 @@ class Trainer:
         self.optimizer = build_optimizer(settings.optimizer, self.trainable)
         self.loss_scaler = build_loss_scaler(settings.runner_wrapper, getattr(model_config, "compute_dtype", None))
         self.pipeline = pipeline
+        # experts split over the ranks (model_config.expert_layout, set by the launcher) or None
+        self.expert_layout = getattr(model_config, "expert_layout", None)
         self.forward_backward = self._forward_backward_cell(pipeline)
         self.apply_update = ApplyUpdateCell(self.optimizer)
         self.checkpoints = CheckpointManager(settings, self.dp, self.params, self.optimizer, self.loss_scaler,
-                                             model, model_config)
+                                             model, model_config, self.expert_layout)
         self.step = 0
         self.consumed_samples = 0
         self.nan_in_a_row = 0
@@ -104,7 +116,8 @@ class Trainer:
         if pipeline is None:
             return ForwardBackwardCell(self.model, self.trainable, settings.accumulation_steps, self.dp.size,
                                        loss_scaling=self.loss_scaler is not None,
-                                       per_token_loss=settings.per_token_loss)
+                                       per_token_loss=settings.per_token_loss,
+                                       local_weights=local_weight_flags(self.trainable, self.expert_layout))
         require(settings.accumulation_steps == 1 and self.dp.size == 1, "runner_config",
                 {"gradient_accumulation_steps": settings.accumulation_steps, "dp": self.dp.size},
                 "pipeline runs accumulate over parallel_config.micro_batch_num and let semi-auto parallel "
@@ -257,10 +270,14 @@ class Trainer:
             update(expert_load)
 
     def parameter_checksum(self):
-        """CRC-32 of every parameter's bytes and the optimizer state (debug: ranks must agree)."""
+        """CRC-32 of every parameter's bytes and the optimizer state (debug: ranks must agree), over the whole
+        model: with experts split over the ranks every rank's slice is gathered first (a collective)."""
         import zlib
 
+        from mindpretrain.parallel.expert_groups import gather_full_tensors
+
         crc = 0
-        for _, param in sorted(self.params.items()) + sorted(self.optimizer.state_parameters().items()):
-            crc = zlib.crc32(param.asnumpy().tobytes(), crc)
+        for tensors in (self.params, self.optimizer.state_parameters()):
+            for _, array in sorted(gather_full_tensors(tensors, self.expert_layout).items()):
+                crc = zlib.crc32(array.tobytes(), crc)
         return crc

@@ -286,6 +286,9 @@ class DeepseekV3Config:
     """Rows per block of the block-sparse MoE dispatch; None lets moe.py choose from the token count."""
     moe_dispatch: Optional[str] = _training_field(None)
     """Routed-expert compute, one of MOE_DISPATCHES; None picks the device's default (see moe.py)."""
+    moe_token_dispatcher_type: Optional[str] = _training_field(None)
+    """Token exchange with experts split over expert_parallel ranks (Megatron's name): "allgather" or "alltoall";
+    None: alltoall on Ascend, allgather elsewhere (mindpretrain/parallel/expert_groups.py)."""
     offset: Union[int, Sequence[int]] = _training_field(0)
     """Pipeline layer offset, an integer or one per stage (MindFormers `offset`, read by the parallel layout)."""
     use_flash_attention: bool = _training_field(False)
@@ -472,6 +475,8 @@ class DeepseekV3Config:
         self.recompute = _normalise_recompute(self.recompute, self.num_hidden_layers + self.num_nextn_predict_layers)
         require(self.moe_dispatch is None or self.moe_dispatch in MOE_DISPATCHES, "moe_dispatch", self.moe_dispatch,
                 f"must be one of {', '.join(map(repr, MOE_DISPATCHES))} (None picks the device's default)")
+        require(self.moe_token_dispatcher_type in (None, "allgather", "alltoall"), "moe_token_dispatcher_type",
+                self.moe_token_dispatcher_type, "must be 'allgather' or 'alltoall' (None picks the device's default)")
         offset = self.offset
         require(isinstance(offset, int) or (isinstance(offset, (list, tuple)) and all(isinstance(item, int)
                 for item in offset)), "offset", offset, "must be an integer or a list of integers (per stage)")

@@ -24,6 +24,7 @@ from mindspore import Tensor
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.safetensors_io import OpenFiles, decode, read_checkpoint_dir
 from mindpretrain.model_spec import WeightsMismatchError
+from mindpretrain.parallel.expert_groups import keeps_parameter
 from mindpretrain.utils.logging import get_logger
 from research.deepseek3.mindformers_weights import MINDFORMERS_LAYOUT
 from research.deepseek3.weight_mapping import hf_parameter_shapes, release_duplicates
@@ -194,7 +195,9 @@ def load_hf_weights(model, path, allow_missing_mtp=False, ignore_prefixes=IGNORE
             located = _without_mtp_tensors(model_config, located)
         sources, copies, notes = plan_load(model_config, located, files, allow_missing_mtp, ignore_prefixes,
                                            problems)
-        values = {name: _read(files, name, file, scale) for name, (file, scale) in sources.items()}
+        layout = getattr(model_config, "expert_layout", None)     # experts split over ranks: read our slice
+        values = {name: _read(files, name, file, scale) for name, (file, scale) in sources.items()
+                  if keeps_parameter(layout, name)}
         for copy, (file, source) in copies.items():
             duplicate = _read(files, copy, file, None)
             difference = float(np.max(np.abs(duplicate - values[source]))) if duplicate.size else 0.0

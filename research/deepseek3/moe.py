@@ -40,6 +40,22 @@ class RoutedExpert(nn.Cell):
         self.down_proj = ProjectionWeight(intermediate_size, hidden_size, model_config)
 
 
+class GlobalIndexCellList(nn.CellList):
+    """A CellList whose children are named ``first, first + 1, ...``: a rank holding experts [first, first + n)
+    keeps their HF names (global indices). Integer indexing stays positional (GRAPH mode indexes by position)."""
+
+    def __init__(self, cells, first=0):
+        super().__init__(cells)
+        if first:
+            self._cells = type(self._cells)((str(first + index), cell)
+                                            for index, cell in enumerate(self._cells.values()))
+
+    def __getitem__(self, index):
+        if isinstance(index, int):
+            return list(self._cells.values())[index]
+        return super().__getitem__(index)
+
+
 class TopkRouter(nn.Cell):
     """Sigmoid gate with group-limited top-k; the bias only steers selection (aux-loss-free balancing).
 
@@ -300,8 +316,18 @@ class DeepseekV3MoE(nn.Cell):
         self.grouped_matmul = grouped_matmul
         self.balance_alpha = float(getattr(model_config, "seq_balance_loss_alpha", 0.0) or 0.0)
         self.gate = TopkRouter(model_config)
-        self.experts = nn.CellList([RoutedExpert(model_config.hidden_size, model_config.moe_intermediate_size,
-                                                 model_config) for _ in range(self.num_experts)])
+        self.expert_layout = getattr(model_config, "expert_layout", None)
+        partitioned = self.expert_layout is not None and self.expert_layout.partitioned
+        local = self.expert_layout.local_experts if partitioned else range(self.num_experts)
+        self.experts = GlobalIndexCellList([RoutedExpert(model_config.hidden_size, model_config.moe_intermediate_size,
+                                                         model_config) for _ in local], local.start)
+        self.expert_dispatcher = None
+        if partitioned:
+            require(self.dispatch == "block_sparse", "moe_dispatch", self.dispatch,
+                    "must be block_sparse with expert_parallel > 1 (the dispatchers compute local blocks)")
+            from research.deepseek3.expert_parallel import make_dispatcher
+            self.expert_dispatcher = make_dispatcher(self.expert_layout, self.top_k, self.block_size,
+                                                     self.compute_dtype)
         if self.dispatch == "grouped_matmul":
             self.routed_compute = GroupedMatmulExperts(self.top_k, grouped_matmul, self.compute_dtype)
         else:
@@ -345,7 +371,11 @@ class DeepseekV3MoE(nn.Cell):
             load = ops.stop_gradient((ops.cast(selected, ms.float32) *
                                       self._per_assignment(real_tokens).reshape(-1, 1)).sum(0))
 
-        out = self._dispatch_compute_combine(x, selected, counts, topk_weight)
+        if self.expert_dispatcher is None:
+            out = self._dispatch_compute_combine(x, selected, counts, topk_weight)
+        else:
+            out = self.expert_dispatcher(x, topk_idx, topk_weight, self._stacked("gate_proj"),
+                                         self._stacked("up_proj"), self._stacked("down_proj"))
         if self.shared_experts is not None:
             out = out + shared
         out = out.reshape(batch, seq, hidden_size)
