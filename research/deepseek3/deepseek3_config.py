@@ -39,11 +39,12 @@ _IGNORED = frozenset((
     "topk_method", "scoring_func", "moe_layer_freq", "head_dim", "qk_head_dim", "_name_or_path", "type",
     "enable_fa_var_len", "return_hidden_states", "is_mtp_model", "n_kv_heads",
 ))
-# MindFormers' MoEConfig vocabulary without an effect here (kernel switches, capacity of the dropping router,
-# expert-placement heuristics). `aux_loss_factor` belongs to MindFormers' v1 router; DeepSeek-V3 (TopkRouterV2,
-# MoEV3) reads only `aux_loss_types`/`aux_loss_factors`.
+# MindFormers' MoEConfig vocabulary without an effect here (kernel switches, expert-placement heuristics;
+# `capacity_factor` is an alias read by the capacity dispatch only, reported as a no-op with the others).
+# `aux_loss_factor` belongs to MindFormers' v1 router; DeepSeek-V3 (TopkRouterV2, MoEV3) reads only
+# `aux_loss_types`/`aux_loss_factors`.
 _IGNORED_MOE = frozenset((
-    "expert_group_size", "capacity_factor", "routing_policy", "use_fused_ops_topkrouter", "aux_loss_factor",
+    "expert_group_size", "routing_policy", "use_fused_ops_topkrouter", "aux_loss_factor",
     "expert_model_parallel", "callback_moe_droprate", "use_gmm", "use_fused_ops_permute",
     "enable_gmm_safe_tokens", "enable_sdrop", "group_wise_a2a", "num_experts_chosen_per_group",
     "enable_deredundency", "npu_nums_per_device", "use_allgather_dispatcher", "comp_comm_parallel",
@@ -59,13 +60,14 @@ _READ_ELSEWHERE = frozenset(("type", "extend_method", "moe_config.expert_model_p
 NO_EFFECT_REASONS = {
     "n_kv_heads": "MLA expands its latent to one key/value per query head, so MindFormers ignores it too",
     "moe_config.aux_loss_factor": "read by MindFormers' v1 router only; DeepSeek-V3 uses aux_loss_factors",
+    "moe_config.capacity_factor": "read by moe_dispatch: capacity only; the other dispatches drop no token",
 }
 # MindFormers' auxiliary balance losses (TopkRouterV2 / MoEV3): "expert" is the expert-level loss
 # alpha * E * sum_i f_i P_i, our `seq_balance_loss_alpha`; "device"/"comm" balance groups of experts.
 AUX_LOSS_TYPES = ("expert", "device", "comm")
 
 # How routed tokens reach their experts (research/deepseek3/moe.py explains both).
-MOE_DISPATCHES = ("block_sparse", "grouped_matmul")
+MOE_DISPATCHES = ("block_sparse", "grouped_matmul", "capacity")
 # Values of HF config.json keys this implementation relies on; anything else is a different model.
 _REQUIRED_HF_VALUES = {"scoring_func": ("sigmoid",), "topk_method": ("noaux_tc",), "moe_layer_freq": (1,)}
 
@@ -286,6 +288,9 @@ class DeepseekV3Config:
     """Rows per block of the block-sparse MoE dispatch; None lets moe.py choose from the token count."""
     moe_dispatch: Optional[str] = _training_field(None)
     """Routed-expert compute, one of MOE_DISPATCHES; None picks the device's default (see moe.py)."""
+    moe_capacity_factor: float = _training_field(1.1)
+    """Capacity factor of the ``capacity`` dispatch (MindFormers' moe_config.capacity_factor, default 1.1 as
+    there): slots per expert and data-parallel shard = ceil(K * tokens * factor / E); no effect elsewhere."""
     moe_token_dispatcher_type: Optional[str] = _training_field(None)
     """Token exchange with experts split over expert_parallel ranks (Megatron's name): "allgather" or "alltoall";
     None: alltoall on Ascend, allgather elsewhere (mindpretrain/parallel/expert_groups.py)."""
@@ -336,6 +341,7 @@ class DeepseekV3Config:
             ("moe_config.topk_bias_update_rate", "topk_bias_update_rate"),
             ("moe_config.norm_topk_prob", "norm_topk_prob"),
             ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # its "expert" entry (see _aux_loss)
+            ("moe_config.capacity_factor", "moe_capacity_factor"),     # the capacity dispatch's only
         )
 
     @classmethod
@@ -384,6 +390,9 @@ class DeepseekV3Config:
                                                                     for key in set(moe) - _IGNORED_MOE))
         _check_required_hf_values(kwargs)
         no_effect = [key for key in kwargs] + [f"moe_config.{key}" for key in moe]
+        if "moe_capacity_factor" in values and origin["moe_capacity_factor"].startswith("moe_config.") \
+                and values.get("moe_dispatch") != "capacity":
+            no_effect.append(origin["moe_capacity_factor"])         # read by the capacity dispatch only
         no_effect = tuple(key for key in no_effect if key not in _READ_ELSEWHERE)
         return values, no_effect
 
@@ -431,7 +440,7 @@ class DeepseekV3Config:
         for name in ("mtp_loss_factor", "topk_bias_update_rate", "seq_balance_loss_alpha", "initializer_range",
                      "attention_dropout"):
             non_negative(name)
-        for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta"):
+        for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta", "moe_capacity_factor"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value > 0, name, value, "must be a number > 0")
         for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave", "attention_bias", "use_flash_attention"):

@@ -14,6 +14,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops.auto_generate import GroupedMatmul, SiLU
 
 from mindpretrain.validation import require
+from research.deepseek3.capacity_dispatch import DEFAULT_CAPACITY_FACTOR, CapacityExperts
 from research.deepseek3.deepseek3_config import MOE_DISPATCHES
 from research.deepseek3.layers import SwiGLU, ms_dtype, normal_weight
 
@@ -293,8 +294,10 @@ class DeepseekV3MoE(nn.Cell):
     balance_loss)``.
 
     ``dispatch`` (or ``model_config.moe_dispatch``; None = `default_moe_dispatch` for the current device) picks the
-    routed compute: ``"block_sparse"`` or ``"grouped_matmul"``. ``grouped_matmul`` is the kernel function of the
-    grouped path (default `ascend_grouped_matmul`; CPU tests pass a reference with the same signature).
+    routed compute: ``"block_sparse"``, ``"grouped_matmul"`` or ``"capacity"`` (MindFormers' capacity layout,
+    assignments past the capacity dropped, experts split by ep: capacity_dispatch.py). ``grouped_matmul`` is the
+    kernel function of the grouped path (default `ascend_grouped_matmul`; CPU tests pass a reference with the
+    same signature).
     Parameters keep HF's names: ``gate.*``, ``experts.{e}.{gate,up,down}_proj.weight``, ``shared_experts.*``.
     """
 
@@ -330,6 +333,10 @@ class DeepseekV3MoE(nn.Cell):
                                                      self.compute_dtype)
         if self.dispatch == "grouped_matmul":
             self.routed_compute = GroupedMatmulExperts(self.top_k, grouped_matmul, self.compute_dtype)
+        elif self.dispatch == "capacity":           # research/deepseek3/capacity_dispatch.py (drops past C)
+            self.routed_compute = CapacityExperts(
+                self.num_experts, self.top_k, getattr(model_config, "moe_capacity_factor", DEFAULT_CAPACITY_FACTOR),
+                self.compute_dtype)
         else:
             self.routed_compute = BlockSparseExperts(self.num_experts, self.top_k, self.block_size,
                                                      self.compute_dtype)
@@ -371,7 +378,10 @@ class DeepseekV3MoE(nn.Cell):
             load = ops.stop_gradient((ops.cast(selected, ms.float32) *
                                       self._per_assignment(real_tokens).reshape(-1, 1)).sum(0))
 
-        if self.expert_dispatcher is None:
+        if self.dispatch == "capacity":            # combines itself: dropped assignments are its to know
+            out = self.routed_compute(x, topk_idx, topk_weight, self._stacked("gate_proj"),
+                                      self._stacked("up_proj"), self._stacked("down_proj"))
+        elif self.expert_dispatcher is None:
             out = self._dispatch_compute_combine(x, selected, counts, topk_weight)
         else:
             out = self.expert_dispatcher(x, topk_idx, topk_weight, self._stacked("gate_proj"),

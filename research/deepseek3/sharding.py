@@ -84,15 +84,42 @@ OP_SYMBOLS = {
     # The split: the rows inside each block over dp, the expert FFN width I over emp (as WEIGHT_KINDS splits
     # the expert weights); blocks stay whole. Splitting the blocks over ep would not be expert parallelism:
     # every block gathers its expert's weights from the stack of all experts, so each device would still need
-    # every expert (expert parallelism, an AlltoAll token exchange to E/ep experts per device, is not
-    # implemented). dp must divide the block size (a power of two in [8, 128] by default). The grouped_matmul
-    # dispatch declares no routed-expert kind (its kernel is left to sharding propagation).
+    # every expert; expert parallelism is the capacity dispatch below. dp must divide the block size (a power
+    # of two in [8, 128] by default). The grouped_matmul dispatch declares no routed-expert kind (its kernel
+    # is left to sharding propagation).
     "moe.expert_gate_proj": ((None, "dp", None), (None, "emp", None)),
     "moe.expert_up_proj": ((None, "dp", None), (None, "emp", None)),
     "moe.expert_silu": ((None, "dp", "emp"),),                                       # SiLU(gate) [blocks, b, I]
     "moe.expert_swiglu_mul": ((None, "dp", "emp"), (None, "dp", "emp")),
     "moe.expert_down_proj": ((None, "dp", "emp"), (None, None, "emp")),              # contracts the split I
     "moe.combine_mul": (("dp", None, None), ("dp", None, None)),                     # y [T,K,H] * w [T,K,1]
+    # Routed experts, capacity dispatch (research/deepseek3/capacity_dispatch.py), MindFormers' expert
+    # parallelism: tokens as dp shards of n, per shard C slots per expert. Token side [dp, ...] over dp: slots
+    # from a k-major one-hot [dp, K*n, E] (cumsum over assignments), masks [dp, n, E, C] = sum_k expert one-hot
+    # x slot one-hot (a batch matmul over [dp, n]), dispatch mask^T x -> [dp, E*C, H], combine mask y -> [dp, n,
+    # H]. Expert side [E, dp*C, ...]: E over ep, the rows over dp_ep (= dp / ep), the width I over emp, the
+    # weights [E, out, in] over ep like the rows. The transposes between the two sides carry the layout
+    # change, where MindSpore inserts the AlltoAll inside each expert-parallel group (enable_alltoall).
+    "moe.capacity_k_major": (("dp", None, None),),                                   # [dp, n, K] <-> [dp, K, n]
+    "moe.capacity_assignment_onehot": (("dp", None, None), (), ()),                  # out [dp, K*n, E]
+    "moe.capacity_slot_cumsum": (("dp", None, None),),                               # along K*n
+    "moe.capacity_slot_mul": (("dp", None, None), ("dp", None, None)),
+    "moe.capacity_slot_sum": (("dp", None, None),),                                  # over E -> [dp, K*n]
+    "moe.capacity_keep_less": (("dp", None, None), ()),                              # slot [dp, n, K] < C
+    "moe.capacity_expert_onehot": (("dp", None, None, None), (), ()),                # out [dp, n, K, E]
+    "moe.capacity_slot_onehot": (("dp", None, None, None), (), ()),                  # out [dp, n, K, C]
+    "moe.capacity_keep_mul": (("dp", None, None, None), ("dp", None, None, None)),   # [dp,n,K,C] * [dp,n,K,1]
+    "moe.capacity_weight_mul": (("dp", None, None, None), ("dp", None, None, None)),
+    "moe.capacity_mask_matmul": (("dp", None, None, None), ("dp", None, None, None)),  # [dp,n,K,E]^T [dp,n,K,C]
+    "moe.capacity_dispatch": (("dp", None, None), ("dp", None, None)),               # mask^T [dp,n,EC] x [dp,n,H]
+    "moe.capacity_to_experts": (("dp_ep", "ep", None, None),),                       # [dp,E,C,H] -> [E,dp,C,H]
+    "moe.capacity_gate_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),         # [E,dp*C,H] x [E,I,H]^T
+    "moe.capacity_up_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),
+    "moe.capacity_silu": (("ep", "dp_ep", "emp"),),
+    "moe.capacity_swiglu_mul": (("ep", "dp_ep", "emp"), ("ep", "dp_ep", "emp")),
+    "moe.capacity_down_proj": (("ep", "dp_ep", "emp"), ("ep", None, "emp")),        # contracts the split I
+    "moe.capacity_from_experts": (("ep", "dp_ep", None, None),),                     # [E,dp,C,H] -> [dp,E,C,H]
+    "moe.capacity_combine": (("dp", None, None), ("dp", None, None)),                # mask [dp,n,EC] y [dp,EC,H]
     # Shared experts: the SwiGLU of layers.py on tokens [T, I] (projections: kinds moe.shared_*_proj).
     "moe.shared_silu": (("dp", "mp"),),                                              # sigmoid(g)
     "moe.shared_silu_mul": (("dp", "mp"), ("dp", "mp")),                             # g * sigmoid(g)

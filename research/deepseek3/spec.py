@@ -46,10 +46,12 @@ def cached_decoder(model, batch_size, max_length):
 
 def prepare_parallel(model, parallel_config):
     """Flash-attention cores count their rows per data-parallel shard (MindSpore does not rewrite the TND segment
-    lists when it splits the batch): flash_attention.set_batch_shards."""
-    from research.deepseek3 import flash_attention
+    lists when it splits the batch): flash_attention.set_batch_shards; the capacity dispatch counts its expert
+    capacity per data-parallel shard of tokens too (capacity_dispatch.set_dp_groups)."""
+    from research.deepseek3 import capacity_dispatch, flash_attention
 
     flash_attention.set_batch_shards(model, int(parallel_config.data_parallel))
+    capacity_dispatch.set_dp_groups(model, int(parallel_config.data_parallel))
 
 
 def without_mtp(model_config):
