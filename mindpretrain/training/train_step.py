@@ -119,9 +119,8 @@ class ForwardBackwardCell(nn.Cell):
         self.value_and_grad = ops.value_and_grad(self.network, None, self.weights, has_aux=True)
         self.hyper_map = ops.HyperMap()
         self.all_reduce = ops.AllReduce() if self.dp_size > 1 else None
+        # averages the gradients, the losses and the stop flag; the target count stays a sum
         self.average = Tensor(1.0 / (self.accumulation_steps * self.dp_size), ms.float32)
-        # averages the four losses and the stop flag; the target count stays a sum
-        self.output_scale = Tensor([1.0 / (self.accumulation_steps * self.dp_size)] * 5 + [1.0], ms.float32)
 
     def _micro_step(self, input_ids, labels, loss_mask, loss_scale, extra):
         if self.loss_scaling:
@@ -156,7 +155,9 @@ class ForwardBackwardCell(nn.Cell):
             expert_load = expert_load + more[4]
             grads = self.hyper_map(_add, grads, more[5])
         stop = stop_flag * self.accumulation_steps
-        losses = ops.stack((loss, lm_loss, mtp_loss, balance_loss, stop)).astype(ms.float32)
+        # each output may be a scalar or a vector of metrics (the GRPO loss reports several in its 4th output)
+        losses = ops.concat(tuple(ops.reshape(value.astype(ms.float32), (-1,))
+                                  for value in (loss, lm_loss, mtp_loss, balance_loss, stop)))
         expert_load = expert_load.astype(ms.float32)
         if self.dp_size > 1 and self.local_flags is not None:
             grads = self.hyper_map(ops.partial(_all_reduce_shared, self.all_reduce), self.local_flags, grads)
@@ -169,7 +170,7 @@ class ForwardBackwardCell(nn.Cell):
             grads = self.hyper_map(ops.partial(_scale, self.average / loss_scale), grads)
         elif self.accumulation_steps * self.dp_size > 1:      # x 1.0 would only copy every gradient
             grads = self.hyper_map(ops.partial(_scale, self.average), grads)
-        losses = ops.concat((losses, targets.reshape(1))) * self.output_scale
+        losses = ops.concat((losses * self.average, targets.reshape(1)))
         if self.local_flags is not None and self.dp_size > 1:
             return losses, expert_load, self._partitioned_norm(grads), grads
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))

@@ -217,6 +217,21 @@ class DeepseekV3ForCausalLM(nn.Cell):
         """float32 logits [B, S, vocab] of the (shared) output head."""
         return self.lm_head(hidden)
 
+    def logits_and_expert_load(self, input_ids):
+        """float32 logits [B, S, vocab] of the main model (no MTP, no balance loss) and the routed load of its
+        MoE blocks [num_moe_layers, E] (zero rows for the MTP blocks): what an RL objective needs from one
+        forward, where the training loss of `construct` is not wanted."""
+        cos, sin, mask, _ = self.model.positional(input_ids.shape[1])
+        hidden, loads, _ = self.model.decode(input_ids, cos, sin, mask)
+        mtp_rows = self.mtp_depth                                  # every MTP block is an MoE block
+        if loads:
+            load = ops.stop_gradient(ops.stack(loads))
+            if mtp_rows:
+                load = ops.concat((load, ops.zeros((mtp_rows, self.n_routed_experts), load.dtype)))
+        else:
+            load = ops.zeros((mtp_rows, self.n_routed_experts), ms.float32)
+        return self.head(hidden), load
+
     def set_loss_reduction(self, reduction):
         """"mean" (default): lm_loss = sum(mask * CE) / sum(mask), each MTP depth likewise. "sum": the sums alone
         (lm_loss = sum(mask * CE), mtp_loss = 1/D sum_k sum(mask_k * CE_k)), for per-token loss where the
