@@ -13,6 +13,13 @@ tries single changes in order of how little they disturb the run (optimizer shar
 full recompute, a balanced layer offset, splitting the vocabulary over model parallel, optimizer-state
 offload, twice the pipeline stages) and then their combinations, and names the gentlest that fits.
 
+For `run_mode: grpo` (in the YAML or `--run_mode grpo`) the `rl_config` section is read as the GRPO run
+reads it, the training step is planned at the actor's shape (micro batches of
+`actor.ppo_micro_batch_size_per_device` rows of max_prompt_length + max_response_length tokens), and a
+"rollout (GRPO)" section adds the rollout phase: KV cache, reference copy, decode activations and the peak
+of both phases (`mindpretrain/planning/rollout_memory.py` says what is counted); `--check` then judges that
+peak.
+
 Exit status: 0 (use `--check` to exit 1 when the plan does not fit), 2 for an invalid configuration.
 """
 import argparse
@@ -38,6 +45,9 @@ from mindpretrain.parallel.layouts import kind_summary  # noqa: E402
 from mindpretrain.parallel.parallel_config import ParallelConfig  # noqa: E402
 from mindpretrain.planning.cost_model import (GIB, TrainingSetup, build_plan, model_facts,  # noqa: E402
                                               optimizer_factor)
+from mindpretrain.planning.rollout_memory import (actor_step, format_rollout,  # noqa: E402
+                                                  largest_fitting_decode_batch, rollout_plan, rollout_to_dict)
+from mindpretrain.rl.config import rl_config_from_run_config  # noqa: E402
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
@@ -73,7 +83,8 @@ def load_run(config_path, overrides=(), register_path=None):
     return run_config, model_config, ParallelConfig.from_run_config(run_config)
 
 
-def training_setup(run_config, model_config, args):
+def training_setup(run_config, model_config, args, rl_config=None, dp_size=1):
+    """What the step costs besides model and layout; a GRPO run's step has the actor's shape (`rl_config`)."""
     runner = run_config.get("runner_config") or {}
     parallel = run_config.get("parallel") or {}
     optimizer_cfg = parallel.get("parallel_optimizer_config") or {}
@@ -82,9 +93,13 @@ def training_setup(run_config, model_config, args):
     if fused is None:
         # Ascend runs fused kernels (flash attention, ...); CPU runs this repository's reference ops
         fused = device_target.upper() != "CPU"
+    micro, seq = runner.get("batch_size") or 1, model_config.seq_length
+    if rl_config is not None:
+        step = actor_step(rl_config, dp_size)
+        micro, seq = step.micro_batch_size, step.seq_length
     return TrainingSetup(
-        micro_batch_size=int(args.micro_batch_size or runner.get("batch_size") or 1),
-        seq_length=int(args.seq_length or model_config.seq_length),
+        micro_batch_size=int(args.micro_batch_size or micro),
+        seq_length=int(args.seq_length or seq),
         fused_kernels=fused,
         gradient_accumulation_shard=bool(optimizer_cfg.get("gradient_accumulation_shard", False)),
         parallel_optimizer_threshold_kb=float(optimizer_cfg.get("parallel_optimizer_threshold", 64)))
@@ -338,7 +353,7 @@ def _suggestion_lines(suggestion):
     return lines
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(description="Pre-flight memory/FLOPs/communication plan of a run YAML")
     parser.add_argument("--config", required=True)
     parser.add_argument("--devices", type=int, help="device count (default: dp x mp x pp of the YAML)")
@@ -347,8 +362,12 @@ def main(argv=None):
                              "else 64GiB)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--register_path", default=None, help="model plugin folder (default research/deepseek3)")
-    parser.add_argument("--seq-length", type=int)
-    parser.add_argument("--micro-batch-size", type=int, help="default runner_config.batch_size or 1")
+    parser.add_argument("--run_mode", default=None,
+                        help="default: the YAML's run_mode; grpo plans the actor step and the rollout")
+    parser.add_argument("--seq-length", type=int,
+                        help="default model_config.seq_length (grpo: max_prompt_length + max_response_length)")
+    parser.add_argument("--micro-batch-size", type=int,
+                        help="default runner_config.batch_size or 1 (grpo: actor.ppo_micro_batch_size_per_device)")
     parser.add_argument("--fused-kernels", dest="fused_kernels", action="store_true", default=None,
                         help="activations of Ascend's fused kernels (flash attention); default unless "
                              "context.device_target is CPU")
@@ -357,27 +376,53 @@ def main(argv=None):
     parser.add_argument("--device", default="atlas-800t-a2")
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--check", action="store_true", help="exit 1 when the plan does not fit")
-    args, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def grpo_config(run_config, parallel_config, run_mode=None):
+    """The validated rl_config of a GRPO run (None for other run modes); ConfigError names the bad key."""
+    if run_mode is not None:
+        run_config["run_mode"] = run_mode
+    if str(run_config.get("run_mode") or "").lower() != "grpo":
+        return None
+    return rl_config_from_run_config(run_config, parallel_config.data_parallel)
+
+
+def main(argv=None):
+    args, rest = _parser().parse_known_args(argv)
     try:
         overrides = parse_override_args(rest)
         run_config, model_config, parallel_config = load_run(args.config, overrides, args.register_path)
         devices = args.devices if args.devices is not None else parallel_config.device_num
         parallel_config.validate(model_config, devices)
+        rl_config = grpo_config(run_config, parallel_config, args.run_mode)
         budget = device_memory_budget(run_config, args.device_memory)
-        setup = training_setup(run_config, model_config, args)
+        setup = training_setup(run_config, model_config, args, rl_config, parallel_config.data_parallel)
         facts = model_facts(model_config, spec_for_config(model_config))
         plan = build_plan(model_config, parallel_config, setup, device=args.device, peak_tflops=args.peak_tflops,
                           facts=facts)
+        rollout = None if rl_config is None else rollout_plan(plan, rl_config, facts.spec)
     except (ConfigError, RegistryError) as error:
         print(f"invalid configuration: {error}", file=sys.stderr)
         return 2
     fits = plan.worst_stage.total <= budget
     suggestion = None if fits else suggest(model_config, parallel_config, setup, budget, args.device,
                                            args.peak_tflops, facts)
+    decode_batch = None
+    if rollout is not None and rollout.peak > budget:
+        decode_batch = largest_fitting_decode_batch(plan, rl_config, budget, facts.spec)
     if args.json:
-        print(json.dumps(plan_to_dict(plan, budget, suggestion), indent=1, default=_json_default))
+        report = plan_to_dict(plan, budget, suggestion)
+        if rollout is not None:
+            report["rollout"] = rollout_to_dict(rollout, budget, decode_batch)
+        print(json.dumps(report, indent=1, default=_json_default))
     else:
-        print(format_plan(plan, budget, suggestion))
+        text = format_plan(plan, budget, suggestion)
+        if rollout is not None:
+            text += "\n\n" + "\n".join(format_rollout(rollout, budget, decode_batch))
+        print(text)
+    if rollout is not None:
+        fits = rollout.peak <= budget
     return 1 if (args.check and not fits) else 0
 
 
