@@ -61,10 +61,15 @@ NO_EFFECT_REASONS = {
     "n_kv_heads": "MLA expands its latent to one key/value per query head, so MindFormers ignores it too",
     "moe_config.aux_loss_factor": "read by MindFormers' v1 router only; DeepSeek-V3 uses aux_loss_factors",
     "moe_config.capacity_factor": "read by moe_dispatch: capacity only; the other dispatches drop no token",
+    "moe_config.aux_loss_factors": "MindFormers' MoEConfig drops aux_loss_factors without aux_loss_types "
+                                   "(no balance loss)",
 }
-# MindFormers' auxiliary balance losses (TopkRouterV2 / MoEV3): "expert" is the expert-level loss
-# alpha * E * sum_i f_i P_i, our `seq_balance_loss_alpha`; "device"/"comm" balance groups of experts.
+# MindFormers' auxiliary balance losses (TopkRouterV2 / MoEV3, mindformers/modules/transformer/moe.py, moev3.py):
+# "expert" balances experts over each token group of the micro batch (balance_loss_kind "mindformers_expert",
+# research/deepseek3/moe.py); "device"/"comm" balance groups of experts and are not implemented.
 AUX_LOSS_TYPES = ("expert", "device", "comm")
+# Balance losses the MoE block computes: DeepSeek-V3's sequence-wise loss, or MindFormers' "expert" loss.
+BALANCE_LOSS_KINDS = ("sequence", "mindformers_expert")
 
 # How routed tokens reach their experts (research/deepseek3/moe.py explains both).
 MOE_DISPATCHES = ("block_sparse", "grouped_matmul", "capacity")
@@ -147,18 +152,20 @@ def _check_required_hf_values(values):
                     f"must be {accepted[0]!r}: this implementation is DeepSeek-V3's router/layout")
 
 
-def _expert_aux_loss_factor(factors, types):
-    """MindFormers' `aux_loss_factors` (with `aux_loss_types`) -> the factor of our expert balance loss.
+def _mindformers_aux_loss(factors, types):
+    """MindFormers' `aux_loss_factors` / `aux_loss_types` -> {canonical name: value} of our balance loss.
 
-    MindFormers pairs the two lists by position (types missing: the first factor is the "expert" one). The
-    "expert" loss of its TopkRouterV2/MoEV3 is alpha * E * sum_i f_i P_i (f_i: share of the token-expert
-    assignments of expert i, P_i: mean normalised score), the quantity `seq_balance_loss_alpha` weighs; "device"
-    and "comm" balance groups of experts and are not implemented here, so only a factor of 0 is accepted for them.
+    MindFormers pairs the two lists by position (zip) and, when `aux_loss_types` is missing, drops the factors
+    (MoEConfig's `_check_aux_loss_config`): no balance loss then, an empty result here. The "expert" factor turns
+    on its micro-batch expert loss (`balance_loss_kind: mindformers_expert`). "device" and "comm" (balance of
+    expert groups and of expert-parallel ranks, read only by its MoEV2/TopkRouterV2 path) are not implemented,
+    so only a factor of 0 is accepted for them.
     """
     key = "moe_config.aux_loss_factors"
     require(isinstance(factors, (list, tuple)) and len(factors) >= 1, key, factors,
             "must be a non-empty list of numbers, one per entry of moe_config.aux_loss_types")
-    types = list(types) if types is not None else list(AUX_LOSS_TYPES[:1])
+    if types is None:
+        return {}
     require(isinstance(types, list) and all(item in AUX_LOSS_TYPES for item in types), "moe_config.aux_loss_types",
             types, f"must be a list of {', '.join(map(repr, AUX_LOSS_TYPES))}")
     require(len(types) == len(factors) or len(types) == 1, key, list(factors),
@@ -167,8 +174,8 @@ def _expert_aux_loss_factor(factors, types):
     for kind in ("device", "comm"):
         require(not paired.get(kind), key, list(factors),
                 f"gives the {kind!r} balance loss factor {paired.get(kind)!r}; mindpretrain implements only the "
-                "'expert' loss, set the others to 0")
-    return paired.get("expert", 0.0)
+                "'expert' loss (the others balance expert groups and expert-parallel ranks), set them to 0")
+    return {"seq_balance_loss_alpha": paired.get("expert", 0.0), "balance_loss_kind": "mindformers_expert"}
 
 
 def _check_required_moe_values(moe):
@@ -280,7 +287,13 @@ class DeepseekV3Config:
     topk_bias_update_rate: float = _training_field(0.001)
     """Step of the aux-loss-free balancing: each expert's routing bias moves by this much per update."""
     seq_balance_loss_alpha: float = _training_field(0.0001)
-    """Factor of the sequence-wise balance loss (0 turns it off)."""
+    """Factor of the balance loss (0 turns it off); MindFormers' aux_loss_factors "expert" entry."""
+    balance_loss_kind: str = _training_field("sequence")
+    """One of BALANCE_LOSS_KINDS: "sequence" (DeepSeek-V3's per-sequence loss) or "mindformers_expert"
+    (MindFormers' loss over each token group of the micro batch; set by moe_config.aux_loss_types)."""
+    balance_loss_token_groups: int = _training_field(1)
+    """mindformers_expert only: contiguous token groups the micro batch is split into, each balanced on its own
+    (MindFormers' data-parallel shards of a semi-auto parallel batch); 1 = the batch the MoE layer sees."""
     recompute: Union[bool, str, Sequence] = _training_field(False)
     """Activation recompute, a bool, a mode of RECOMPUTE_MODES or one per layer; normalised to a per-layer tuple
     (main layers, then MTP layers)."""
@@ -340,7 +353,7 @@ class DeepseekV3Config:
             ("moe_config.topk_group", "topk_group"),
             ("moe_config.topk_bias_update_rate", "topk_bias_update_rate"),
             ("moe_config.norm_topk_prob", "norm_topk_prob"),
-            ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # its "expert" entry (see _aux_loss)
+            ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # its "expert" entry (_mindformers_aux_loss)
             ("moe_config.capacity_factor", "moe_capacity_factor"),     # the capacity dispatch's only
         )
 
@@ -373,10 +386,12 @@ class DeepseekV3Config:
         for key in list(kwargs):
             if key in defaults:
                 put(key, kwargs.pop(key), key)
+        dropped = []
         if "aux_loss_factors" in moe:
-            put("seq_balance_loss_alpha", _expert_aux_loss_factor(moe.pop("aux_loss_factors"),
-                                                                  moe.pop("aux_loss_types", None)),
-                "moe_config.aux_loss_factors")
+            translated = _mindformers_aux_loss(moe.pop("aux_loss_factors"), moe.pop("aux_loss_types", None))
+            for canonical, value in translated.items():
+                put(canonical, value, "moe_config.aux_loss_factors")
+            dropped += [] if translated else ["moe_config.aux_loss_factors"]
         moe.pop("aux_loss_types", None)
         if moe.get("balance_via_topk_bias", True) is False:
             put("topk_bias_update_rate", 0.0, "moe_config.balance_via_topk_bias")
@@ -389,7 +404,7 @@ class DeepseekV3Config:
         cls._refuse_unknown(sorted(set(kwargs) - _IGNORED) + sorted(f"moe_config.{key}"
                                                                     for key in set(moe) - _IGNORED_MOE))
         _check_required_hf_values(kwargs)
-        no_effect = [key for key in kwargs] + [f"moe_config.{key}" for key in moe]
+        no_effect = [key for key in kwargs] + [f"moe_config.{key}" for key in moe] + dropped
         if "moe_capacity_factor" in values and origin["moe_capacity_factor"].startswith("moe_config.") \
                 and values.get("moe_dispatch") != "capacity":
             no_effect.append(origin["moe_capacity_factor"])         # read by the capacity dispatch only
@@ -431,8 +446,10 @@ class DeepseekV3Config:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
                      "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
-                     "seq_length"):
+                     "seq_length", "balance_loss_token_groups"):
             positive_int(name)
+        require(self.balance_loss_kind in BALANCE_LOSS_KINDS, "balance_loss_kind", self.balance_loss_kind,
+                f"must be one of {', '.join(map(repr, BALANCE_LOSS_KINDS))}")
         positive_int("q_lora_rank", allow_none=True)
         positive_int("moe_dispatch_block_size", allow_none=True)
         for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):

@@ -19,7 +19,8 @@ Calls (the contract with the trainer):
   `set_loss_reduction("sum")`.
 * mtp_loss: the mean over the D MTP modules of their masked cross-entropy (0 when D = 0).
 * loss = lm_loss + mtp_loss_factor * mtp_loss + balance_loss   (= lm + factor/D * sum_k L_k + balance)
-* balance_loss: sum over MoE blocks (main and MTP) of the sequence-wise balance loss (0 if alpha = 0).
+* balance_loss: sum over MoE blocks (main and MTP) of the sequence-wise balance loss, or MindFormers' "expert"
+  loss when a MindFormers YAML sets aux_loss_types (`balance_loss_kind`; 0 if alpha = 0).
 * expert_load: float32 [num_moe_layers, n_routed_experts], tokens routed to each expert by each MoE block, in
   layer order (main MoE layers, then MTP blocks) — the order of `moe_layer_biases()`. No gradient.
 

@@ -15,7 +15,7 @@ from mindspore.ops.auto_generate import GroupedMatmul, SiLU
 
 from mindpretrain.validation import require
 from research.deepseek3.capacity_dispatch import DEFAULT_CAPACITY_FACTOR, CapacityExperts
-from research.deepseek3.deepseek3_config import MOE_DISPATCHES
+from research.deepseek3.deepseek3_config import BALANCE_LOSS_KINDS, MOE_DISPATCHES
 from research.deepseek3.layers import SwiGLU, ms_dtype, normal_weight
 
 
@@ -318,6 +318,12 @@ class DeepseekV3MoE(nn.Cell):
             grouped_matmul = ascend_grouped_matmul
         self.grouped_matmul = grouped_matmul
         self.balance_alpha = float(getattr(model_config, "seq_balance_loss_alpha", 0.0) or 0.0)
+        self.balance_kind = getattr(model_config, "balance_loss_kind", None) or "sequence"
+        require(self.balance_kind in BALANCE_LOSS_KINDS, "balance_loss_kind", self.balance_kind,
+                f"must be one of {BALANCE_LOSS_KINDS}")
+        self.balance_groups = int(getattr(model_config, "balance_loss_token_groups", None) or 1)
+        # MindFormers takes f from an unbiased top-k whenever the bias balancing is on (balance_via_topk_bias)
+        self.balance_unbiased_topk = float(getattr(model_config, "topk_bias_update_rate", 0.0) or 0.0) > 0
         self.gate = TopkRouter(model_config)
         self.expert_layout = getattr(model_config, "expert_layout", None)
         partitioned = self.expert_layout is not None and self.expert_layout.partitioned
@@ -390,16 +396,20 @@ class DeepseekV3MoE(nn.Cell):
             out = out + shared
         out = out.reshape(batch, seq, hidden_size)
 
-        if self.balance_alpha > 0 and real_tokens is None:
-            balance_loss = self._sequence_balance_loss(scores.reshape(batch, seq, self.num_experts),
-                                                       selected.reshape(batch, seq * self.top_k, self.num_experts))
-        elif self.balance_alpha > 0:
-            balance_loss = self._real_token_balance_loss(scores.reshape(batch, seq, self.num_experts),
-                                                         selected.reshape(batch, seq * self.top_k, self.num_experts),
-                                                         ops.cast(real_tokens, ms.float32))
-        else:
-            balance_loss = Tensor(0.0, ms.float32)
-        return out, load, balance_loss
+        return out, load, self._balance_loss(scores, selected, real_tokens, batch, seq)
+
+    def _balance_loss(self, scores, selected, real_tokens, batch, seq):
+        """scores fp32 [N, E], selected int32 [N*K, E] -> the balance loss of `balance_kind` (0 if alpha = 0)."""
+        if self.balance_alpha <= 0:
+            return Tensor(0.0, ms.float32)
+        if self.balance_kind == "mindformers_expert":
+            return self._mindformers_expert_balance_loss(scores, selected, real_tokens)
+        if real_tokens is None:
+            return self._sequence_balance_loss(scores.reshape(batch, seq, self.num_experts),
+                                               selected.reshape(batch, seq * self.top_k, self.num_experts))
+        return self._real_token_balance_loss(scores.reshape(batch, seq, self.num_experts),
+                                             selected.reshape(batch, seq * self.top_k, self.num_experts),
+                                             ops.cast(real_tokens, ms.float32))
 
     def _per_assignment(self, real_tokens):
         """float32 [B, S] token weights -> [B, S * K], one per (token, k) assignment, in `selected`'s order."""
@@ -429,7 +439,6 @@ class DeepseekV3MoE(nn.Cell):
         f = ops.cast(selected.sum(1), ms.float32) * (self.num_experts / (self.top_k * seq))
         return self.balance_alpha * (ops.stop_gradient(f) * p).sum(-1).mean()
 
-
     def _real_token_balance_loss(self, scores, selected, real_tokens):
         """`_sequence_balance_loss` over each row's real tokens only: T = the row's count of real tokens, f and
         P sum over those tokens (a row of padding only contributes 0)."""
@@ -439,6 +448,27 @@ class DeepseekV3MoE(nn.Cell):
         chosen = ops.cast(selected, ms.float32) * ops.expand_dims(self._per_assignment(real_tokens), -1)
         f = chosen.sum(1) * (self.num_experts / self.top_k) / tokens
         return self.balance_alpha * (ops.stop_gradient(f) * p).sum(-1).mean()
+
+    def _mindformers_expert_balance_loss(self, scores, selected, real_tokens):
+        """MindFormers' "expert" aux loss (TopkRouterV2 and MoEV3 `_expert_load_balancing`, r1.6 / June 2025):
+        ``alpha * E^2 * mean_{g,i} P_gi F_gi`` over `balance_groups` contiguous token groups of the micro batch
+        (not per sequence), P_gi = mean_t s_ti / (sum_j s_tj + 1e-9), F_gi = share of the group's K*T assignments
+        on expert i. F comes from a top-k of the unbiased, not group-limited scores when the bias balancing is on
+        (as there), else from the routing. With `real_tokens`, a packed row's padding is left out of T, P and F."""
+        tokens, experts = scores.shape
+        normalised = scores / (scores.sum(-1, keepdims=True) + 1e-9)             # [N, E]
+        if self.balance_unbiased_topk:
+            aux_idx = ops.topk(ops.stop_gradient(normalised), self.top_k)[1].reshape(-1)
+            selected = ops.one_hot(ops.cast(aux_idx, ms.int32), experts, Tensor(1, ms.int32), Tensor(0, ms.int32))
+        chosen = ops.cast(ops.stop_gradient(selected), ms.float32)             # [N*K, E]
+        per_group = tokens // self.balance_groups
+        weight = ops.ones((tokens,), ms.float32) if real_tokens is None else ops.cast(real_tokens, ms.float32)
+        weight = weight.reshape(self.balance_groups, per_group, 1)
+        counted = ops.maximum(weight.sum(1), 1.0)                                # [G, 1]
+        p = (normalised.reshape(self.balance_groups, per_group, experts) * weight).sum(1) / counted
+        chosen = chosen.reshape(self.balance_groups, per_group, self.top_k, experts) * ops.expand_dims(weight, -1)
+        f = chosen.sum(2).sum(1) / (counted * self.top_k)                        # [G, E]
+        return (ops.stop_gradient(f) * p).mean() * (self.balance_alpha * experts * experts)
 
 
 def expert_bias_update(bias_np, load_np, rate):

@@ -52,6 +52,22 @@ def prepare_parallel(model, parallel_config):
 
     flash_attention.set_batch_shards(model, int(parallel_config.data_parallel))
     capacity_dispatch.set_dp_groups(model, int(parallel_config.data_parallel))
+    set_balance_token_groups(model, parallel_config)
+
+
+def set_balance_token_groups(model, parallel_config):
+    """MindFormers' "expert" balance loss averages over one token group per data-parallel shard (times model
+    parallel under sequence parallelism, as its TopkRouterV2 reshapes): the MoE blocks take that count under
+    semi-auto parallel, where the batch they see is the global one. Returns the group count."""
+    from research.deepseek3.moe import DeepseekV3MoE
+
+    groups = int(parallel_config.data_parallel)
+    if getattr(parallel_config, "use_seq_parallel", False):
+        groups *= int(parallel_config.model_parallel)
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, DeepseekV3MoE):
+            cell.balance_groups = groups
+    return groups
 
 
 def without_mtp(model_config):
