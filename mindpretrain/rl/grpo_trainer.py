@@ -32,7 +32,7 @@ from mindpretrain.training.lr_schedule import build_lr_schedule
 from mindpretrain.training.optimizer import build_optimizer
 from mindpretrain.training.signals import StopRequest
 from mindpretrain.training.train_step import ApplyUpdateCell, ForwardBackwardCell, clip_factor
-from mindpretrain.training.trainer import TrainingError, local_weight_flags, model_parameters
+from mindpretrain.training.trainer import TrainingError, local_weight_flags, model_parameters, parameter_checksum
 from mindpretrain.utils.atomic_files import atomic_write
 from mindpretrain.utils.logging import get_logger
 from mindpretrain.validation import require
@@ -144,7 +144,7 @@ class GRPOTrainer:
         scored = self.rewards.score(texts, [sample.label for sample in samples])
         scores = scored.scores
         if self.rl.reward.shuffle_rewards:      # the control run: rewards carry no information on the sample
-            scores = np.random.default_rng(self._draw_seed(step, round_index, -1)).permutation(scores)
+            scores = np.random.default_rng(self._draw_seed(step, round_index, 0) + [1]).permutation(scores)
         for sample, text, score in zip(samples, texts, scores):
             sample.text, sample.reward = text, float(score)
         return samples, time.time() - started, scored.failures
@@ -305,6 +305,8 @@ class GRPOTrainer:
         self.step += 1
         metrics = self._step_metrics(samples, rewards, columns, counters, timing, time.time() - started)
         metrics.update(actor)
+        if self.settings.param_checksum:
+            metrics["param_checksum"] = parameter_checksum(self.params, self.optimizer, self.expert_layout)
         return metrics
 
     # --- the run -----------------------------------------------------------------------------------------

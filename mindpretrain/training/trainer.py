@@ -270,14 +270,19 @@ class Trainer:
             update(expert_load)
 
     def parameter_checksum(self):
-        """CRC-32 of every parameter's bytes and the optimizer state (debug: ranks must agree), over the whole
-        model: with experts split over the ranks every rank's slice is gathered first (a collective)."""
-        import zlib
+        """CRC-32 of the parameters and optimizer state (debug: ranks must agree); see `parameter_checksum`."""
+        return parameter_checksum(self.params, self.optimizer, self.expert_layout)
 
-        from mindpretrain.parallel.expert_groups import gather_full_tensors
 
-        crc = 0
-        for tensors in (self.params, self.optimizer.state_parameters()):
-            for _, array in sorted(gather_full_tensors(tensors, self.expert_layout).items()):
-                crc = zlib.crc32(array.tobytes(), crc)
-        return crc
+def parameter_checksum(params, optimizer, expert_layout=None):
+    """CRC-32 of every parameter's bytes and the optimizer state, over the whole model: with experts split over
+    the ranks every rank's slice is gathered first (a collective: every rank calls it)."""
+    import zlib
+
+    from mindpretrain.parallel.expert_groups import gather_full_tensors
+
+    crc = 0
+    for tensors in (params, optimizer.state_parameters()):
+        for _, array in sorted(gather_full_tensors(tensors, expert_layout).items()):
+            crc = zlib.crc32(array.tobytes(), crc)
+    return crc

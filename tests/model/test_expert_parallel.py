@@ -60,3 +60,30 @@ def test_emulated_exchange_round_trips_exactly_with_uneven_counts():
     for t, d, s in zip(tokens, destinations, scaled):
         assert np.array_equal(s, t * (d + 1).reshape(-1, 1))
     assert received[2].shape == (0, 4)                             # the rank receiving zero tokens
+
+
+def test_planner_expert_elements_per_device_equal_what_an_ep2_rank_builds():
+    """The planner's routed-expert share per device (parallel/layouts.py) is the partition the model builds."""
+    import mindspore as ms
+    from mindpretrain.parallel.layouts import weight_layouts
+    from mindpretrain.parallel.parallel_config import ParallelConfig
+    from research.deepseek3.deepseek3_config import DeepseekV3Config
+    from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
+    from research.deepseek3.spec import SHARD_TABLE
+    from research.deepseek3.weight_mapping import hf_parameter_shapes
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    config = DeepseekV3Config(vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                              num_hidden_layers=3, num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2,
+                              n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=12,
+                              qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, seq_length=8,
+                              num_nextn_predict_layers=1, compute_dtype="float32")
+    parallel = ParallelConfig.from_dict(dict(data_parallel=2, expert_parallel=2))
+    placement = parallel.validate(config, parallel.device_num)
+    layouts = weight_layouts(hf_parameter_shapes(config), parallel, placement, SHARD_TABLE)
+    planned = sum(layout.numel_per_device for layout in layouts if expert_index(layout.name) is not None)
+    for rank in (0, 1):
+        config.expert_layout = ExpertLayout(8, expert_parallel=2, data_parallel=2, rank=rank)
+        model = DeepseekV3ForCausalLM(config)
+        built = sum(int(np.prod(p.shape)) for p in model.get_parameters() if expert_index(p.name) is not None)
+        assert built == planned > 0

@@ -97,3 +97,13 @@ def test_a_malformed_prompt_line_stops_before_the_model_is_built(task, tmp_path,
     err = capsys.readouterr().err
     assert code == 1 and f"{bad}:2" in err
     assert "parallel mode" not in err              # setup_run (model build) never started
+
+
+def test_non_finite_updates_stop_at_the_skip_limit(task, tmp_path, capsys):
+    # an absurd learning rate breaks the weights at the first update; every later loss is NaN and skipped
+    code = scored_grpo(task, tmp_path, "--lr_schedule.learning_rate=1.e+30", "--runner_config.max_consecutive_nan_steps=2",
+                       "--rl_config.actor.ppo_mini_batch_size=4", "--rl_config.actor.use_kl_loss=False")
+    assert code == 1
+    assert "stopping: 2 consecutive GRPO updates had a non-finite loss" in capsys.readouterr().err
+    rows = metrics(tmp_path)
+    assert [row["actor/updates"] for row in rows] == [1, 0]      # step 2 skipped; step 3 hits the limit
