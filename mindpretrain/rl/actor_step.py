@@ -49,12 +49,12 @@ def aggregation_weights(response_mask, loss_agg_mode, global_tokens, global_sequ
 
 
 def sequence_logits(model, input_ids):
-    """(float32 logits [B, L, V], expert load) of the model's main head, through the plugin's RL forward when
-    it has one (`logits_and_expert_load`), else the model called without labels (no load)."""
+    """(float32 logits [B, L, V], expert load, balance loss) of the model's main head, through the plugin's RL
+    forward when it has one (`logits_and_expert_load`), else the model called without labels (no load, 0)."""
     forward = getattr(model, "logits_and_expert_load", None)
     if forward is not None:
         return forward(input_ids)
-    return model(input_ids), ops.zeros((0, 1), ms.float32)
+    return model(input_ids), ops.zeros((0, 1), ms.float32), ops.zeros((), ms.float32)
 
 
 class TokenLogProbCell(nn.Cell):
@@ -76,7 +76,8 @@ class GRPOPolicyLoss(nn.Cell):
 
     construct(input_ids, labels, response_mask, old_logp, ref_logp, advantages, agg_weights, mean_weights)
     (all [B, L]) -> (loss, pg_loss, kl_loss, [entropy, pg_clipfrac], expert_load), where
-    loss = pg_loss + kl_coef * kl_loss - entropy_coeff * entropy, each term the `agg_weights`-weighted sum
+    loss = pg_loss + kl_coef * kl_loss - entropy_coeff * entropy (+ the MoE balance loss with
+    `use_balance_loss`), each term the `agg_weights`-weighted sum
     (see `aggregation_weights`) and pg_clipfrac the `mean_weights`-weighted (token-mean) share of tokens whose
     clipped surrogate won. With `on_policy` (one update per rollout) the old log-probs are the current ones,
     detached, and the `old_logp` column is not read."""
@@ -92,10 +93,11 @@ class GRPOPolicyLoss(nn.Cell):
         self.kl_coef = float(actor_config.kl_loss_coef) if self.use_kl else 0.0
         self.kl_kind = actor_config.kl_loss_type
         self.entropy_coeff = float(actor_config.entropy_coeff)
+        self.use_balance_loss = bool(getattr(actor_config, "use_balance_loss", False))
 
     def construct(self, input_ids, labels, response_mask, old_logp, ref_logp, advantages, agg_weights,
                   mean_weights):
-        logits, expert_load = sequence_logits(self.model, input_ids)
+        logits, expert_load, balance = sequence_logits(self.model, input_ids)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         logp = token_log_probs(logits, labels)
@@ -112,4 +114,6 @@ class GRPOPolicyLoss(nn.Cell):
         if self.use_kl:
             kl_loss = masked_sum(kl_penalty(logp, ref_logp, self.kl_kind), agg_weights)
             loss = loss + self.kl_coef * kl_loss
+        if self.use_balance_loss:      # the model's own MoE balance loss, as in pretraining (off by default in RL)
+            loss = loss + ops.cast(balance, loss.dtype)
         return loss, pg_loss, kl_loss, ops.stack((ops.stop_gradient(entropy_term), clip_fraction)), expert_load

@@ -33,6 +33,9 @@ dynamic_sampling.over_sampling_batch_size  data.gen_batch_size                  
 dynamic_sampling.max_num_gen_batches       algorithm.filter_groups.max_num_gen_batches    (regenerates until full)
 =========================================  =============================================  ==================================
 
+Ours, for MoE policies: `actor.update_expert_bias` (the aux-loss-free bias rule after each update) and
+`actor.use_balance_loss` (the model's balance loss added to the objective), both off as in verl and slime.
+
 verl's harmless spellings are accepted: `top_k: -1` means off (stored as 0, the sampler's "off"), and
 `actor.clip_ratio` sets `clip_ratio_low` and `clip_ratio_high` where those are absent. Seeds stay None
 when unset: the caller substitutes the run's seed.
@@ -99,6 +102,7 @@ class RLActorConfig:
     kl_loss_type: str = "low_var_kl"
     norm_adv_by_std_in_grpo: bool = True
     update_expert_bias: bool = False
+    use_balance_loss: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,9 @@ gradient averaging over micro batches and ranks, the global norm, clipping, the 
 Resume is exact: a checkpoint stores the policy, the optimizer, the prompt sampler's position and the update
 count; rollout draws are seeded from (seed, step, round, rank, chunk). The reference model is the frozen
 initial policy (the `load_checkpoint` weights, or the seeded initialisation), rebuilt the same way on resume.
-RL defaults: the MTP head, the sequence balance loss and the expert-bias update are off (the policy objective
-reads the main head only); `rl_config.actor.update_expert_bias: true` turns the bias rule back on.
+RL defaults: the MTP head, the MoE balance loss and the expert-bias update are off (the policy objective reads the
+main head only; MTP is not trained in RL, as in verl and slime); `rl_config.actor.use_balance_loss` and
+`update_expert_bias` turn the balance loss and the bias rule back on.
 """
 import dataclasses
 import json

@@ -219,11 +219,11 @@ class DeepseekV3ForCausalLM(nn.Cell):
         return self.lm_head(hidden)
 
     def logits_and_expert_load(self, input_ids):
-        """float32 logits [B, S, vocab] of the main model (no MTP, no balance loss) and the routed load of its
-        MoE blocks [num_moe_layers, E] (zero rows for the MTP blocks): what an RL objective needs from one
-        forward, where the training loss of `construct` is not wanted."""
+        """float32 logits [B, S, vocab] of the main model (no MTP), the routed load of its MoE blocks
+        [num_moe_layers, E] (zero rows for the MTP blocks) and their balance loss: what an RL objective needs from
+        one forward, where the training loss of `construct` is not wanted."""
         cos, sin, mask, _ = self.model.positional(input_ids.shape[1])
-        hidden, loads, _ = self.model.decode(input_ids, cos, sin, mask)
+        hidden, loads, balance = self.model.decode(input_ids, cos, sin, mask)
         mtp_rows = self.mtp_depth                                  # every MTP block is an MoE block
         if loads:
             load = ops.stop_gradient(ops.stack(loads))
@@ -231,7 +231,7 @@ class DeepseekV3ForCausalLM(nn.Cell):
                 load = ops.concat((load, ops.zeros((mtp_rows, self.n_routed_experts), load.dtype)))
         else:
             load = ops.zeros((mtp_rows, self.n_routed_experts), ms.float32)
-        return self.head(hidden), load
+        return self.head(hidden), load, balance
 
     def set_loss_reduction(self, reduction):
         """"mean" (default): lm_loss = sum(mask * CE) / sum(mask), each MTP depth likewise. "sum": the sums alone

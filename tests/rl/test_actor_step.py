@@ -91,3 +91,12 @@ def test_policy_loss_cell_equals_numpy_actor_loss_on_the_same_logits():
                                [expected[0], expected[1], expected[4], expected[3], expected[2]], rtol=2e-5,
                                atol=1e-6)
     assert load.shape == (1, 4)
+    _ActorConfig.use_balance_loss = True            # the model's balance loss joins the objective, nothing else
+    try:
+        with_balance = GRPOPolicyLoss(model, _ActorConfig, temperature=temperature)(
+            *(ms.Tensor(a) for a in (ids, labels, mask, old, ref, adv, weights, mean_weights)))
+    finally:
+        del _ActorConfig.use_balance_loss
+    balance = float(model.logits_and_expert_load(ms.Tensor(ids))[2].asnumpy())
+    assert balance > 0
+    np.testing.assert_allclose(float(with_balance[0].asnumpy()), float(loss.asnumpy()) + balance, rtol=1e-6)

@@ -90,6 +90,17 @@ def test_dynamic_sampling_stops_when_no_group_has_a_signal(task, tmp_path, capsy
     assert "dynamic sampling: after 2 generation rounds" in capsys.readouterr().err
 
 
+def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_a_signal(task, tmp_path):
+    code = grpo(task, tmp_path, "--rl_config.reward.grader=grpo_graders:odd_labels_only",
+                "--rl_config.dynamic_sampling.enable=True", "--rl_config.dynamic_sampling.over_sampling_batch_size=8",
+                "--runner_config.train_steps=2", "--rl_config.actor.use_kl_loss=False")
+    assert code == 0
+    rows = metrics(tmp_path)
+    assert sum(row["rollout/filtered_groups"] for row in rows) > 0           # even-label groups were dropped
+    assert all(int(row["rollout/example"]["label"]) % 2 == 1 for row in rows)
+    assert rows[-1]["consumed_prompts"] == 8 * sum(row["rollout/gen_rounds"] for row in rows)   # over-sampled
+
+
 def test_a_malformed_prompt_line_stops_before_the_model_is_built(task, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": "2+2=" "label": "4"}\n')

@@ -50,7 +50,7 @@ COMPLETE = dict(
     actor=dict(ppo_epochs=2, ppo_mini_batch_size=4, ppo_micro_batch_size_per_device=2, clip_ratio_low=0.1,
                clip_ratio_high=0.28, clip_ratio_c=3.5, loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.001,
                use_kl_loss=True, kl_loss_coef=0.01, kl_loss_type="k3+", norm_adv_by_std_in_grpo=False,
-               update_expert_bias=True),
+               update_expert_bias=True, use_balance_loss=True),
     dynamic_sampling=dict(enable=True, over_sampling_batch_size=12, max_num_gen_batches=3),
 )
 SECTION_CLASSES = dict(data=RLDataConfig, rollout=RLRolloutConfig, reward=RLRewardConfig, actor=RLActorConfig,
@@ -92,7 +92,7 @@ def test_minimal_section_defaults():
         "actor": dict(ppo_epochs=1, ppo_mini_batch_size=16, ppo_micro_batch_size_per_device=128,
                       clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=None, loss_agg_mode="token-mean",
                       entropy_coeff=0.0, use_kl_loss=False, kl_loss_coef=0.001, kl_loss_type="low_var_kl",
-                      norm_adv_by_std_in_grpo=True, update_expert_bias=False),
+                      norm_adv_by_std_in_grpo=True, update_expert_bias=False, use_balance_loss=False),
         "dynamic_sampling": dict(enable=False, over_sampling_batch_size=16, max_num_gen_batches=10),
     }
     assert (config.samples_per_step, config.mini_batches_per_epoch, config.on_policy) == (128, 1, True)
