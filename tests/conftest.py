@@ -23,6 +23,16 @@ def pytest_configure(config):
     mindspore.set_device("CPU")
 
 
+def load_tool(name):
+    """tools/<name>.py as a module (the tools are scripts, not a package), a fresh copy per call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", PROJECT_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_path(*parts):
     """A file under ../shared, or a skip saying what is missing."""
     path = SHARED.joinpath(*parts)

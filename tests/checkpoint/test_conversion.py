@@ -354,16 +354,9 @@ def test_existing_output_is_not_overwritten(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 
 def test_command_lines(tiny, tmp_path, capsys):
-    import importlib.util
+    from conftest import load_tool
 
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "..", "tools",
-                                                                         name + ".py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    to_native, to_hf = load("convert_hf_to_native"), load("convert_native_to_hf")
+    to_native, to_hf = load_tool("convert_hf_to_native"), load_tool("convert_native_to_hf")
     assert to_native.main(["--hf-dir", tiny["fp8_dir"], "--output-dir", str(tmp_path / "n"), "--workers", "2",
                            "--max-shard-size", "200KB"]) == 0
     assert to_hf.main(["--checkpoint", str(tmp_path / "n"), "--output-dir", str(tmp_path / "h"), "--fp8"]) == 0

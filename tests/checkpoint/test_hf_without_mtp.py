@@ -105,12 +105,9 @@ def test_unknown_choice_is_refused(saved, tmp_path):
 
 
 def test_command_line_flag(saved, tmp_path, capsys):
-    import importlib.util
+    from conftest import load_tool
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert_hf_to_native.py")
-    spec = importlib.util.spec_from_file_location("convert_hf_to_native", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_hf_to_native")
     assert tool.main(["--hf-dir", saved["hf_dir"], "--output-dir", str(tmp_path / "r"), "--mtp", "require"]) == 1
     assert "--mtp init or --mtp drop" in capsys.readouterr().err
     assert tool.main(["--hf-dir", saved["hf_dir"], "--output-dir", str(tmp_path / "d"), "--mtp", "drop"]) == 0

@@ -4,7 +4,6 @@ The DeepSeek-V3 tokenizer takes about a second to load, so the runs against it h
 module (fixtures) and every check reads their files.
 """
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, load_tool
 from mindpretrain.data import preprocess as engine
 from mindpretrain.data.indexed_dataset import IndexedDataset
 from mindpretrain.data.tokenizer import TokenizerError, default_deepseek_v3_tokenizer_path, load_tokenizer
@@ -23,13 +22,6 @@ from research.deepseek3 import wikitext_to_bin
 
 ARTICLES_IN_SLICE = 8
 DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", PROJECT_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 preprocess_data = load_tool("preprocess_data")

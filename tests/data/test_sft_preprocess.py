@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, require_reference
+from conftest import PROJECT_ROOT, load_tool, require_reference
 from mindpretrain.data.indexed_dataset import IndexedDataset
 from mindpretrain.data.sft_records import REJECT_REASONS
 
@@ -27,13 +27,6 @@ V3_ASSISTANT_TURN = "{{'<｜Assistant｜>' + message['content'] + '<｜end▁of�
 V3_ASSISTANT_TRACKED = ("{{'<｜Assistant｜>'}}{% generation %}{{message['content']}}{% endgeneration %}"
                         "{{'<｜end▁of▁sentence｜>'}}")
 GUIDE_EXAMPLE = PROJECT_ROOT / "tests" / "data" / "sft" / "guide_train_example.json"
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", PROJECT_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 preprocess_sft_data = load_tool("preprocess_sft_data")

@@ -484,17 +484,16 @@ def test_bf16_and_fp8_checkpoints_load(hf_checkpoint, tmp_path):
 
 
 def test_logits_of_native_checkpoint(hf_checkpoint, tmp_path):
-    import importlib.util
-
+    
     from mindpretrain.checkpoint.conversion import convert_hf_to_native
     from hf_reference import hf_logits
 
     hf_model, hf_dir = hf_checkpoint
     native_dir = str(tmp_path / "native")
     convert_hf_to_native(hf_dir, native_dir, dtype="fp32")
-    spec = importlib.util.spec_from_file_location("logits_tool", PROJECT_ROOT / "tools" / "logits.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from conftest import load_tool
+
+    tool = load_tool("logits")
     ids = np.random.RandomState(6).randint(0, 512, size=(1, 12)).astype(np.int32)
     logits = tool.compute_logits(native_dir, ids)
     assert np.abs(logits - hf_logits(hf_model, ids)).max() <= 1e-4

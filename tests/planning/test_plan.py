@@ -1,5 +1,4 @@
 """tools/plan.py and the cost model on the shipped YAMLs: exact counts, FLOPs, placement, fit and suggestions."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -9,7 +8,7 @@ import pytest
 
 from mindpretrain.planning.cost_model import GIB, TrainingSetup, build_plan, model_facts
 from research.deepseek3.planning import attention_flops_per_token, flops_per_token
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, load_tool
 
 YAML_671B = "research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml"
 YAML_1B = "research/deepseek3/deepseek3_671b/pretrain_deepseek3_1b.yaml"
@@ -18,14 +17,7 @@ YAML_671B_SFT = "research/deepseek3/deepseek3_671b/finetune_deepseek3_671b.yaml"
 YAML_TINY_SFT = "configs/deepseek3/finetune_deepseek3_tiny_cpu.yaml"
 
 
-def _load_plan_module():
-    spec = importlib.util.spec_from_file_location("plan_tool", PROJECT_ROOT / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plan_tool = _load_plan_module()
+plan_tool = load_tool("plan")
 
 
 def closed_form_counts(cfg):

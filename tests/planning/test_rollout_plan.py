@@ -1,5 +1,4 @@
 """GRPO in the planner: the rollout's KV cache and reference copy, the actor step's shape, tools/plan.py's section."""
-import importlib.util
 import json
 
 import pytest
@@ -7,7 +6,7 @@ import pytest
 from mindpretrain.planning.cost_model import TrainingSetup, build_plan
 from mindpretrain.planning.rollout_memory import actor_step, decode_rows, rollout_memory, rollout_plan
 from mindpretrain.rl.config import rl_config_from_run_config
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, load_tool
 
 YAML_DIR = PROJECT_ROOT / "research" / "deepseek3" / "deepseek3_671b"
 YAML_VERL = YAML_DIR / "grpo_deepseek3_671b_verl.yaml"
@@ -26,14 +25,7 @@ rl_config:
 """
 
 
-def _load_plan_module():
-    spec = importlib.util.spec_from_file_location("plan_tool_rollout", PROJECT_ROOT / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plan_tool = _load_plan_module()
+plan_tool = load_tool("plan")
 
 
 @pytest.fixture
