@@ -1,4 +1,5 @@
-"""Which routed experts a rank holds under expert parallelism, and which ranks it exchanges tokens with.
+"""Which routed experts a rank holds under expert parallelism, and which ranks it exchanges tokens with; and the
+names of routed experts stored stacked ([E, out, in], for semi-auto parallel) against the HF per-expert names.
 
 The one source of truth for the rank -> expert slice: the model builds only its slice's expert Parameters
 (keeping the HF names with GLOBAL expert indices), the name/shape check and the checkpoint gather read the
@@ -82,6 +83,57 @@ def expert_index(parameter_name):
     return None
 
 
+def _stacked_position(parts):
+    """Index of `experts` in a STACKED routed-expert name (``...mlp.experts.<proj>.weight``, every expert in one
+    [E, out, in] tensor, as semi-auto parallel needs to split it by ep), else None."""
+    for index, part in enumerate(parts[:-2]):
+        if part == "experts" and index > 0 and parts[index - 1] == "mlp" and not parts[index + 1].isdigit():
+            return index
+    return None
+
+
+def is_stacked(parameter_name):
+    return _stacked_position(parameter_name.split(".")) is not None
+
+
+def per_expert_name(stacked_name, expert):
+    """The HF name of one expert's slice of a stacked routed-expert tensor."""
+    parts = stacked_name.split(".")
+    index = _stacked_position(parts)
+    if index is None:
+        raise ValueError(f"{stacked_name} is not a stacked routed-expert name")
+    return ".".join(parts[:index + 1] + [str(expert)] + parts[index + 1:])
+
+
+def unstacked_shapes(shapes):
+    """{name: shape} with every stacked [E, ...] entry replaced by its E per-expert [...] entries."""
+    full = {}
+    for name, shape in shapes.items():
+        if is_stacked(name):
+            for expert in range(shape[0]):
+                full[per_expert_name(name, expert)] = tuple(shape[1:])
+        else:
+            full[name] = tuple(shape)
+    return full
+
+
+def model_arrays(parameter_shapes, checkpoint_arrays, layout=None):
+    """{model parameter name: array} from HF-named checkpoint arrays: this rank's experts only (a split
+    layout), stacked parameters stacked from their experts' slices. Names missing from the checkpoint are left
+    out (the caller's shape check has already said whether that is allowed)."""
+    import numpy as np
+
+    arrays = {}
+    for name, shape in parameter_shapes.items():
+        if is_stacked(name):
+            slices = [per_expert_name(name, expert) for expert in range(shape[0])]
+            if all(item in checkpoint_arrays for item in slices):
+                arrays[name] = np.stack([checkpoint_arrays[item] for item in slices])
+        elif name in checkpoint_arrays and keeps_parameter(layout, name):
+            arrays[name] = checkpoint_arrays[name]
+    return arrays
+
+
 def keeps_parameter(layout, parameter_name):
     """True when this rank holds the parameter: every non-expert one, and its own slice's experts."""
     expert = expert_index(parameter_name)
@@ -118,8 +170,9 @@ def rename_expert(parameter_name, expert):
 def full_model_shapes(shapes, layout):
     """{name: shape} of this rank's tensors -> the same for the whole model (every expert), in a stable order:
     what a layout-independent checkpoint holds."""
+    shapes = unstacked_shapes(shapes)
     if layout is None or not layout.partitioned:
-        return dict(shapes)
+        return shapes
     full = {}
     for name, shape in shapes.items():
         expert = expert_index(name)
@@ -139,8 +192,13 @@ def gather_full_tensors(tensors, layout):
     AllReduce of a zero-padded [ep, ...] buffer (the collective every backend has)."""
     import numpy as np
 
-    arrays = {name: (value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value))
-              for name, value in tensors.items()}
+    arrays = {}
+    for name, value in tensors.items():
+        array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+        if is_stacked(name):            # HF names, one tensor per expert
+            arrays.update((per_expert_name(name, expert), array[expert]) for expert in range(array.shape[0]))
+        else:
+            arrays[name] = array
     if layout is None or not layout.partitioned:
         return arrays
     from mindspore import Tensor, ops

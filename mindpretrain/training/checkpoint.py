@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from mindpretrain.checkpoint.safetensors_io import SafetensorsError, open_safetensors, save_safetensors
-from mindpretrain.parallel.expert_groups import full_model_shapes, gather_full_tensors, keeps_parameter
+from mindpretrain.parallel.expert_groups import full_model_shapes, gather_full_tensors, is_stacked, model_arrays
 from mindpretrain.validation import require
 from mindpretrain.utils.atomic_files import atomic_write, atomic_write_json
 from mindpretrain.utils.logging import get_logger
@@ -318,9 +318,11 @@ class CheckpointManager:
 
         `extra_state`: a JSON-serialisable dict of a loop's own resume state (e.g. the GRPO prompt sampler),
         returned by `resume` as `ResumePoint.extra`. With partitioned experts every rank takes part (the other
-        ranks' experts and their optimizer moments are gathered to write full tensors)."""
+        ranks' experts and their optimizer moments are gathered to write full tensors); experts stored stacked are
+        written per expert, under their HF names."""
         params, optimizer_state = self.params, self.optimizer.state_parameters()
-        if self.expert_layout is not None and self.expert_layout.partitioned:
+        partitioned = self.expert_layout is not None and self.expert_layout.partitioned
+        if partitioned or any(is_stacked(name) for name in params):     # to HF names, every expert
             params = gather_full_tensors(params, self.expert_layout)
             optimizer_state = gather_full_tensors(optimizer_state, self.expert_layout)
         if self.dp.process_rank != 0:
@@ -350,9 +352,7 @@ class CheckpointManager:
         check_shapes(directory, full_model_shapes({name: tuple(p.shape) for name, p in optimizer_state.items()},
                                                   self.expert_layout), OPTIMIZER_FILE, OPTIMIZER_PREFIX)
         self._load_model_tensors(directory)
-        for name, array in read_tensors(directory, OPTIMIZER_FILE, OPTIMIZER_PREFIX).items():
-            if keeps_parameter(self.expert_layout, name):
-                _assign(optimizer_state[name], array, directory)
+        self._assign_all(optimizer_state, read_tensors(directory, OPTIMIZER_FILE, OPTIMIZER_PREFIX), directory)
         state = read_trainer_state(directory)
         batch, dp_size = self.settings.micro_batch_size, self.dp.size
         require(state["consumed_samples"] % (batch * dp_size) == 0, "resume", state["consumed_samples"],
@@ -367,9 +367,13 @@ class CheckpointManager:
         return point
 
     def _load_model_tensors(self, directory):
-        for name, array in read_tensors(directory, MODEL_FILE).items():
-            if keeps_parameter(self.expert_layout, name):      # this rank's slice of the experts
-                _assign(self.params[name], array, directory)
+        self._assign_all(self.params, read_tensors(directory, MODEL_FILE), directory)
+
+    def _assign_all(self, parameters, arrays, directory):
+        """HF-named checkpoint arrays into {name: Parameter}: this rank's experts only, stacked experts stacked."""
+        shapes = {name: tuple(param.shape) for name, param in parameters.items()}
+        for name, array in model_arrays(shapes, arrays, self.expert_layout).items():
+            _assign(parameters[name], array, directory)
 
     def _restore_loss_scale(self, saved, directory):
         if self.loss_scaler is None:

@@ -15,9 +15,10 @@ layouts. Dispatch and combine are one-hot masks ``[dp, n, E, C]`` applied by bat
 has a plain strategy (kinds ``moe.capacity_*`` in research/deepseek3/sharding.py). The masks cost n*E*C
 elements each per shard and layer (`capacity_footprint`) and as many multiply-adds per hidden unit: fine for
 small n*E, too much at DeepSeek-V3 scale, where MindFormers gathers by index ([dp, E, C] token indices,
-``Gather(batch_dims=1)``) instead. The expert weights reach the matmuls stacked from the per-expert Parameters
-(`DeepseekV3MoE._stacked`), so whether a device also *stores* only E/ep experts depends on how that stack is
-split, which this cell does not declare.
+``Gather(batch_dims=1)``) instead. With this dispatch the model stores the routed experts stacked, one
+[E, out, in] Parameter per projection (`moe.StackedRoutedExperts`), read through Casts split (ep, emp) like the
+matmuls' weight inputs, so under semi-auto parallel a device also *stores* only E/ep experts; checkpoints keep the
+HF per-expert names (tests/training/test_stacked_experts_checkpoint.py).
 """
 import math
 

@@ -33,7 +33,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindpretrain.parallel.expert_groups import keeps_parameter
+from mindpretrain.parallel.expert_groups import keeps_parameter, unstacked_shapes
 from mindpretrain.registry import register
 from mindpretrain.validation import require
 from research.deepseek3.decoder import DecoderLayer
@@ -201,11 +201,11 @@ class DeepseekV3ForCausalLM(nn.Cell):
 
     def _check_names_and_shapes(self):
         """Names and shapes equal the HF table; with experts partitioned (`model_config.expert_layout`), the table
-        restricted to this rank's expert slice."""
+        restricted to this rank's expert slice; routed experts stored stacked count as their per-expert slices."""
         layout = getattr(self.model_config, "expert_layout", None)
         expected = {name: shape for name, shape in hf_parameter_shapes(self.model_config).items()
                     if keeps_parameter(layout, name)}
-        actual = {name: tuple(param.shape) for name, param in self.parameters_and_names()}
+        actual = unstacked_shapes({name: tuple(param.shape) for name, param in self.parameters_and_names()})
         if actual != dict(expected):
             missing = sorted(set(expected) - set(actual))
             extra = sorted(set(actual) - set(expected))

@@ -24,7 +24,7 @@ from mindspore import Tensor
 from mindpretrain.checkpoint import fp8
 from mindpretrain.checkpoint.safetensors_io import OpenFiles, decode, read_checkpoint_dir
 from mindpretrain.model_spec import WeightsMismatchError
-from mindpretrain.parallel.expert_groups import keeps_parameter
+from mindpretrain.parallel.expert_groups import keeps_parameter, model_arrays
 from mindpretrain.utils.logging import get_logger
 from research.deepseek3.mindformers_weights import MINDFORMERS_LAYOUT
 from research.deepseek3.weight_mapping import hf_parameter_shapes, release_duplicates
@@ -207,7 +207,8 @@ def load_hf_weights(model, path, allow_missing_mtp=False, ignore_prefixes=IGNORE
     finally:
         files.close()
     params = dict(model.parameters_and_names())
-    for name, array in values.items():
+    shapes = {name: tuple(param.shape) for name, param in params.items()}
+    for name, array in model_arrays(shapes, values, layout).items():     # stacked experts stacked
         param = params[name]
         param.set_data(Tensor(array, dtype=param.dtype))
     for note in notes:

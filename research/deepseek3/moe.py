@@ -20,11 +20,13 @@ from research.deepseek3.layers import SwiGLU, ms_dtype, normal_weight
 
 
 class ProjectionWeight(nn.Cell):
-    """One routed-expert projection's HF-shaped `weight` [out, in]; the dispatch computes with it."""
+    """One routed-expert projection's HF-shaped `weight` [out, in] (or [experts, out, in], every expert's stacked);
+    the dispatch computes with it."""
 
-    def __init__(self, in_features, out_features, model_config):
+    def __init__(self, in_features, out_features, model_config, experts=None):
         super().__init__()
-        self.weight = normal_weight((out_features, in_features), model_config)
+        shape = (out_features, in_features) if experts is None else (experts, out_features, in_features)
+        self.weight = normal_weight(shape, model_config)
 
 
 class RoutedExpert(nn.Cell):
@@ -39,6 +41,27 @@ class RoutedExpert(nn.Cell):
         self.gate_proj = ProjectionWeight(hidden_size, intermediate_size, model_config)
         self.up_proj = ProjectionWeight(hidden_size, intermediate_size, model_config)
         self.down_proj = ProjectionWeight(intermediate_size, hidden_size, model_config)
+
+
+class StackedRoutedExperts(nn.Cell):
+    """Every routed expert's `gate_proj/up_proj/down_proj.weight` in one [E, out, in] Parameter each
+    (`experts.gate_proj.weight`, ...; MindFormers' storage), read through Cast primitives whose strategies split
+    the expert axis by ep: under semi-auto parallel each device then stores E/ep experts. Checkpoints keep the HF
+    per-expert names (`mindpretrain.parallel.expert_groups.per_expert_name`). Used by the capacity dispatch."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, model_config):
+        super().__init__()
+        self.gate_proj = ProjectionWeight(hidden_size, intermediate_size, model_config, num_experts)
+        self.up_proj = ProjectionWeight(hidden_size, intermediate_size, model_config, num_experts)
+        self.down_proj = ProjectionWeight(intermediate_size, hidden_size, model_config, num_experts)
+        self.cast_gate, self.cast_up, self.cast_down = ops.Cast(), ops.Cast(), ops.Cast()
+        self.shard_ops = {"cast_gate": "moe.capacity_gate_weight", "cast_up": "moe.capacity_up_weight",
+                          "cast_down": "moe.capacity_down_weight"}
+
+    def weights(self, dtype):
+        """(gate [E, I, H], up [E, I, H], down [E, H, I]) in `dtype`."""
+        return (self.cast_gate(self.gate_proj.weight, dtype), self.cast_up(self.up_proj.weight, dtype),
+                self.cast_down(self.down_proj.weight, dtype))
 
 
 class GlobalIndexCellList(nn.CellList):
@@ -298,7 +321,9 @@ class DeepseekV3MoE(nn.Cell):
     assignments past the capacity dropped, experts split by ep: capacity_dispatch.py). ``grouped_matmul`` is the
     kernel function of the grouped path (default `ascend_grouped_matmul`; CPU tests pass a reference with the
     same signature).
-    Parameters keep HF's names: ``gate.*``, ``experts.{e}.{gate,up,down}_proj.weight``, ``shared_experts.*``.
+    Parameters keep HF's names: ``gate.*``, ``experts.{e}.{gate,up,down}_proj.weight``, ``shared_experts.*``; the
+    capacity dispatch stores the routed experts stacked, ``experts.{gate,up,down}_proj.weight`` [E, out, in]
+    (`StackedRoutedExperts`), mapped to the HF names at checkpoint IO.
     """
 
     def __init__(self, model_config, block_size=None, dispatch=None, grouped_matmul=None):
@@ -328,8 +353,14 @@ class DeepseekV3MoE(nn.Cell):
         self.expert_layout = getattr(model_config, "expert_layout", None)
         partitioned = self.expert_layout is not None and self.expert_layout.partitioned
         local = self.expert_layout.local_experts if partitioned else range(self.num_experts)
-        self.experts = GlobalIndexCellList([RoutedExpert(model_config.hidden_size, model_config.moe_intermediate_size,
-                                                         model_config) for _ in local], local.start)
+        self.stacked_experts = self.dispatch == "capacity" and not partitioned
+        if self.stacked_experts:        # one [E, out, in] Parameter per projection, split by ep under semi-auto
+            self.experts = StackedRoutedExperts(self.num_experts, model_config.hidden_size,
+                                                model_config.moe_intermediate_size, model_config)
+        else:
+            self.experts = GlobalIndexCellList([RoutedExpert(model_config.hidden_size,
+                                                             model_config.moe_intermediate_size, model_config)
+                                                for _ in local], local.start)
         self.expert_dispatcher = None
         if partitioned:
             require(self.dispatch == "block_sparse", "moe_dispatch", self.dispatch,
@@ -385,8 +416,8 @@ class DeepseekV3MoE(nn.Cell):
                                       self._per_assignment(real_tokens).reshape(-1, 1)).sum(0))
 
         if self.dispatch == "capacity":            # combines itself: dropped assignments are its to know
-            out = self.routed_compute(x, topk_idx, topk_weight, self._stacked("gate_proj"),
-                                      self._stacked("up_proj"), self._stacked("down_proj"))
+            gate_weights, up_weights, down_weights = self.experts.weights(self.compute_dtype)
+            out = self.routed_compute(x, topk_idx, topk_weight, gate_weights, up_weights, down_weights)
         elif self.expert_dispatcher is None:
             out = self._dispatch_compute_combine(x, selected, counts, topk_weight)
         else:

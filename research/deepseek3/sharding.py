@@ -113,6 +113,11 @@ OP_SYMBOLS = {
     "moe.capacity_mask_matmul": (("dp", None, None, None), ("dp", None, None, None)),  # [dp,n,K,E]^T [dp,n,K,C]
     "moe.capacity_dispatch": (("dp", None, None), ("dp", None, None)),               # mask^T [dp,n,EC] x [dp,n,H]
     "moe.capacity_to_experts": (("dp_ep", "ep", None, None),),                       # [dp,E,C,H] -> [E,dp,C,H]
+    # the stacked expert Parameters [E, I, H] / [E, H, I] are read through a Cast split like the matmul's weight
+    # input, so each device stores E/ep experts (moe.StackedRoutedExperts)
+    "moe.capacity_gate_weight": (("ep", "emp", None),),
+    "moe.capacity_up_weight": (("ep", "emp", None),),
+    "moe.capacity_down_weight": (("ep", None, "emp"),),
     "moe.capacity_gate_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),         # [E,dp*C,H] x [E,I,H]^T
     "moe.capacity_up_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),
     "moe.capacity_silu": (("ep", "dp_ep", "emp"),),

@@ -14,13 +14,14 @@ from mindspore import Tensor
 from mindspore.ops import Primitive
 
 from mindpretrain.config import load_config
+from mindpretrain.parallel.expert_groups import gather_full_tensors, model_arrays
 from mindpretrain.parallel.parallel_config import ParallelConfig
 from mindpretrain.parallel.strategies import apply_shard_strategies, op_strategies, op_strategy
 from mindpretrain.validation import ConfigError
 from research.deepseek3.capacity_dispatch import CapacityExperts, capacity_footprint, expert_capacity, \
     set_dp_groups
 from research.deepseek3.deepseek3_config import DeepseekV3Config
-from research.deepseek3.moe import DeepseekV3MoE
+from research.deepseek3.moe import DeepseekV3MoE, StackedRoutedExperts
 from research.deepseek3.spec import SHARD_TABLE
 from conftest import PROJECT_ROOT
 
@@ -28,6 +29,7 @@ HIDDEN, INTER, EXPERTS, TOP_K = 32, 16, 8, 2
 BATCH, SEQ = 2, 12
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 CAPACITY_KINDS = {kind for kind in SHARD_TABLE.op_kinds if kind.startswith("moe.capacity_")}
+WEIGHT_KINDS = {"moe.capacity_gate_weight", "moe.capacity_up_weight", "moe.capacity_down_weight"}   # the storage
 
 
 @pytest.fixture(autouse=True)
@@ -48,10 +50,24 @@ def random_hidden(seed=0):
     return np.random.RandomState(seed).randn(BATCH, SEQ, HIDDEN).astype(np.float32)
 
 
+def hf_view(named):
+    """{name: array} under HF's per-expert names of a block's {name: tensor} (the capacity dispatch stores its
+    experts stacked); the names are the block's own, seen under the `mlp.` the model would give them."""
+    full = gather_full_tensors({f"mlp.{name}": value for name, value in named.items()}, None)
+    return {name[len("mlp."):]: array for name, array in full.items()}
+
+
+def hf_arrays(moe):
+    return hf_view(dict(moe.parameters_and_names()))
+
+
 def copy_weights(source, target):
-    for (name, mine), (other, theirs) in zip(source.parameters_and_names(), target.parameters_and_names()):
-        assert name == other
-        theirs.set_data(mine.data.copy())
+    params = {f"mlp.{name}": param for name, param in target.parameters_and_names()}
+    arrays = model_arrays({name: tuple(param.shape) for name, param in params.items()},
+                          {f"mlp.{name}": array for name, array in hf_arrays(source).items()})
+    assert set(arrays) == set(params)
+    for name, array in arrays.items():
+        params[name].set_data(Tensor(np.ascontiguousarray(array)))
 
 
 # ------------------------------------------------------------------------------------- NumPy re-derivation
@@ -79,7 +95,7 @@ def swiglu(x, gate, up, down):
 
 def numpy_moe(moe, x2d, kept):
     """Shared expert + sum over the kept assignments of router weight * expert(x), from the Parameters."""
-    p = {name: param.asnumpy() for name, param in moe.parameters_and_names()}
+    p = hf_arrays(moe)
     _, topk_idx, topk_weight = [item.asnumpy() for item in moe.gate(Tensor(x2d))]
     out = swiglu(x2d, p["shared_experts.gate_proj.weight"], p["shared_experts.up_proj.weight"],
                  p["shared_experts.down_proj.weight"])
@@ -105,7 +121,7 @@ def grads(moe, x, cotangent):
         return (moe(hidden)[0] * cotangent).sum()
 
     _, (x_grad, weight_grads) = ms.value_and_grad(loss_fn, 0, weights)(Tensor(x))
-    return x_grad.asnumpy(), {param.name: grad.asnumpy() for param, grad in zip(weights, weight_grads)}
+    return x_grad.asnumpy(), hf_view({param.name: grad for param, grad in zip(weights, weight_grads)})
 
 
 def test_without_drops_the_capacity_dispatch_equals_block_sparse_forward_and_gradients():
@@ -211,7 +227,10 @@ def tiny_model_config(**overrides):
 def test_table_splits_experts_by_ep_and_tokens_by_dp(dp, ep, dp_ep):
     pc = ParallelConfig.from_dict(dict(data_parallel=dp, model_parallel=2, expert_parallel=ep))   # emp = mp = 2
     strategies = op_strategies(pc, SHARD_TABLE)
-    assert len(CAPACITY_KINDS) == 20
+    assert len(CAPACITY_KINDS) == 23
+    # the stacked expert Parameters are read through casts split like the matmuls' weights: E/ep per device
+    assert strategies["moe.capacity_gate_weight"] == strategies["moe.capacity_up_weight"] == ((ep, 2, 1),)
+    assert strategies["moe.capacity_down_weight"] == ((ep, 1, 2),)
     for kind in ("moe.capacity_gate_proj", "moe.capacity_up_proj"):      # [E, dp*C, H] x [E, I, H]^T
         assert strategies[kind] == ((ep, dp_ep, 1), (ep, 2, 1)), kind
     assert strategies["moe.capacity_down_proj"] == ((ep, dp_ep, 2), (ep, 1, 2))
@@ -224,7 +243,7 @@ def test_table_splits_experts_by_ep_and_tokens_by_dp(dp, ep, dp_ep):
     assert strategies["moe.capacity_mask_matmul"] == ((dp, 1, 1, 1), (dp, 1, 1, 1))
     assert strategies["moe.capacity_assignment_onehot"] == ((dp, 1, 1), (), ())
     expert_side = {f"moe.capacity_{name}" for name in ("to_experts", "gate_proj", "up_proj", "silu", "swiglu_mul",
-                                                        "down_proj", "from_experts")}
+                                                        "down_proj", "from_experts")} | WEIGHT_KINDS
     for kind in CAPACITY_KINDS - expert_side:                  # the token side: [dp, ...] split by dp, nothing else
         for entry in strategies[kind]:
             assert entry == () or entry == (dp,) + (1,) * (len(entry) - 1), (kind, entry)
@@ -245,10 +264,16 @@ def test_forced_application_records_every_capacity_strategy_and_the_output_does_
     for path, cell in cells:
         primitives = {name for name, value in vars(cell).items() if isinstance(value, Primitive)}
         assert primitives == set(cell.shard_ops) and len(primitives) == 22, path
-        assert set(cell.shard_ops.values()) == CAPACITY_KINDS
+        assert set(cell.shard_ops.values()) == CAPACITY_KINDS - WEIGHT_KINDS
         for attribute, kind in cell.shard_ops.items():
             assert getattr(cell, attribute).attrs["in_strategy"] == op_strategy(kind, pc, SHARD_TABLE), attribute
         assert cell.gate_matmul.attrs["in_strategy"] == ((4, 1, 1), (4, 2, 1))
+    storages = [cell for _, cell in model.cells_and_names() if isinstance(cell, StackedRoutedExperts)]
+    assert len(storages) == len(cells)
+    for storage in storages:           # each expert Parameter [E, I, H] is consumed split (ep, emp, 1) only
+        assert storage.gate_proj.weight.shape[0] == model.model_config.n_routed_experts
+        assert storage.cast_gate.attrs["in_strategy"] == ((4, 2, 1),)
+        assert storage.cast_down.attrs["in_strategy"] == ((4, 1, 2),)
     np.testing.assert_array_equal(model(ids).asnumpy(), before)
 
 
