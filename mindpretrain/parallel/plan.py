@@ -144,6 +144,20 @@ def expert_layout_for(plan, parallel_config, model_config, device_target):
     return layout
 
 
+def semi_auto_moe_dispatch(plan, parallel_config, model_config):
+    """The MoE dispatch a model must be built with: under semi-auto parallel with `expert_parallel > 1` only the
+    capacity dispatch splits the experts by ep (the planner counts E/ep experts per device), so it is the default
+    there and any other explicit choice is refused; elsewhere the model's own choice (None: its device default)."""
+    chosen = getattr(model_config, "moe_dispatch", None)
+    ep = getattr(parallel_config, "expert_parallel", 1) if parallel_config is not None else 1
+    if plan.mode != SEMI_AUTO_PARALLEL or ep <= 1 or not getattr(model_config, "n_routed_experts", 0):
+        return chosen
+    require(chosen in (None, "capacity"), "moe_dispatch", chosen,
+            f"does not split the routed experts over parallel_config.expert_parallel ({ep}) under semi-auto "
+            "parallel: leave it unset or use capacity")
+    return "capacity"
+
+
 def prepare_model(plan, model, model_config, parallel_config, world_size):
     """Apply `plan` to a built model. Under semi-auto parallel the layout is first checked against the model
     (divisibility, experts, pipeline placement) so nothing compiles on a layout that cannot work, and the

@@ -130,11 +130,20 @@ def log_no_effect_notice(settings, model_config, rank):
 
 
 def _attach_expert_layout(plan, parallel_config, model_config, device_target):
-    """Experts split over the data-parallel ranks: the model builds only this rank's slice (expert_groups.py)."""
-    from mindpretrain.parallel.plan import expert_layout_for
+    """Experts split over the ranks: under data parallelism the model builds only this rank's slice
+    (expert_groups.py); under semi-auto parallel it stores them stacked for the shard strategies to split."""
+    from mindpretrain.parallel.plan import expert_layout_for, semi_auto_moe_dispatch
 
     layout = expert_layout_for(plan, parallel_config, model_config, device_target)
     model_config.expert_layout = layout
+    dispatch = semi_auto_moe_dispatch(plan, parallel_config, model_config)
+    if dispatch != getattr(model_config, "moe_dispatch", None):
+        model_config.moe_dispatch = dispatch
+        # moe_config.capacity_factor now acts: out of the "no effect here" notice
+        model_config.no_effect_keys = tuple(key for key in getattr(model_config, "no_effect_keys", ())
+                                            if not key.endswith("capacity_factor"))
+        logger.info("expert parallel %d under semi-auto parallel: moe_dispatch capacity (experts stored and "
+                    "computed E/ep per device)", parallel_config.expert_parallel)
     if layout is not None and plan.data_rank == 0:
         logger.info("expert parallel: %d experts over %d ranks (%d per rank, %s dispatcher)", layout.num_experts,
                     layout.expert_parallel, layout.experts_per_rank, layout.dispatcher)

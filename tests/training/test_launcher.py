@@ -364,3 +364,26 @@ def test_launcher_quiets_mindspore_unless_the_user_chose(tmp_path):
 def test_launcher_refuses_a_log_level_mindspore_would_refuse():
     code, out, err = dry_run("run_mindformer.py", "2", env={"GLOG_v": "debug"})
     assert code == 2 and out == "" and "GLOG_v (debug) must be a MindSpore log level" in err
+
+
+def test_expert_parallel_picks_the_layout_that_splits_experts():
+    """Data parallel with ep = dp: an ExpertLayout per rank (explicit dispatch); semi-auto with ep > 1: the capacity
+    dispatch (stacked experts split by the strategies), any other explicit dispatch refused; stand-alone: nothing."""
+    import types
+
+    from mindpretrain.parallel.parallel_config import ParallelConfig
+    from mindpretrain.parallel.plan import expert_layout_for, semi_auto_moe_dispatch
+
+    model_config = types.SimpleNamespace(n_routed_experts=8, moe_dispatch=None, moe_token_dispatcher_type=None)
+    pc = ParallelConfig.from_dict(dict(data_parallel=2, expert_parallel=2))
+    layout = expert_layout_for(plan_parallel("CPU", True, 2, 1, pc), pc, model_config, "CPU")
+    assert (layout.experts_per_rank, layout.first_expert, layout.dispatcher) == (4, 4, "allgather")
+    assert expert_layout_for(plan_parallel("CPU", False, 1, 0), pc, model_config, "CPU") is None
+    semi = ParallelConfig.from_dict(dict(data_parallel=4, model_parallel=2, expert_parallel=4, pipeline_stage=2,
+                                         micro_batch_num=2))
+    plan = plan_parallel("Ascend", True, 16, 3, semi)
+    assert expert_layout_for(plan, semi, model_config, "Ascend") is None
+    assert semi_auto_moe_dispatch(plan, semi, model_config) == "capacity"
+    with pytest.raises(ConfigError, match=r"moe_dispatch \('grouped_matmul'\) does not split the routed experts"):
+        semi_auto_moe_dispatch(plan, semi, types.SimpleNamespace(n_routed_experts=8, moe_dispatch="grouped_matmul"))
+    assert semi_auto_moe_dispatch(plan_parallel("CPU", True, 2, 1, pc), pc, model_config) is None
