@@ -51,7 +51,7 @@ _TOP_LEVEL = {
     "micro_batch_interleave_num": "micro-batch interleaving is not implemented",
     "do_eval": _NO_EVAL, "eval_step_interval": _NO_EVAL, "eval_epoch_interval": _NO_EVAL,
     "eval_dataset": _NO_EVAL, "eval_dataset_task": _NO_EVAL, "eval_callbacks": _NO_EVAL, "metric": _NO_EVAL,
-    "processor": "read by run_mode predict (its tokenizer); training data is tokenized offline",
+    "processor": "read by run_mode predict and grpo (their tokenizer); training data is tokenized offline",
     "profile": _PROFILE, "profile_start_step": _PROFILE, "profile_stop_step": _PROFILE,
     "init_start_profile": _PROFILE, "profile_communication": _PROFILE, "profile_memory": _PROFILE,
     "profile_rank_ids": _PROFILE, "profile_pipeline": _PROFILE, "profile_level": _PROFILE,
@@ -236,6 +236,9 @@ def _check_callbacks(callbacks):
     return found
 
 
+TOKENIZER_RUN_MODES = ("predict", "grpo")     # runs that tokenize themselves (processor.tokenizer acts there)
+
+
 def check_run_config(run_config):
     """Refuse keys outside MindFormers' run-level vocabulary; return the no-effect keys present (dotted)."""
     found = []
@@ -249,6 +252,8 @@ def check_run_config(run_config):
             found += _check_section(section, path, vocabulary, partial=True)
     if run_config.get("callbacks") is not None:
         found += _check_callbacks(run_config["callbacks"])
+    if run_config.get("run_mode") in TOKENIZER_RUN_MODES:       # they read processor.tokenizer
+        found = [key for key in found if key != "processor"]
     return tuple(dict.fromkeys(found))
 
 

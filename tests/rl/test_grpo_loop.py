@@ -118,3 +118,13 @@ def test_non_finite_updates_stop_at_the_skip_limit(task, tmp_path, capsys):
     assert "stopping: 2 consecutive GRPO updates had a non-finite loss" in capsys.readouterr().err
     rows = metrics(tmp_path)
     assert [row["actor/updates"] for row in rows] == [1, 0]      # step 2 skipped; step 3 hits the limit
+
+
+def test_processor_is_not_called_a_no_effect_key_where_it_gives_the_tokenizer():
+    from mindpretrain.config import load_config
+    from mindpretrain.mindformers_keys import check_run_config
+
+    config = load_config(str(CONFIG))
+    assert config["run_mode"] == "grpo" and "processor" not in check_run_config(config)
+    config["run_mode"] = "train"
+    assert "processor" in check_run_config(config)
