@@ -79,6 +79,10 @@ class GRPOTrainer:
                 rl_config.data.max_prompt_length, f"+ rollout.max_response_length ({rollout.max_response_length}) "
                 f"must not exceed model.model_config.seq_length ({model_length}), the model's position tables")
         self.expert_layout = getattr(self.model_config, "expert_layout", None)
+        # split experts exchange tokens in every forward, but each rank's sampler stops when its own rows are done
+        require(self.expert_layout is None or not self.expert_layout.partitioned, "parallel_config.expert_parallel",
+                getattr(self.expert_layout, "expert_parallel", 1),
+                "must be 1 for run_mode grpo: the colocated sampler does not split experts over ranks yet")
         self.params = model_parameters(self.model)
         self.trainable = self.model.trainable_params()
         self.optimizer = build_optimizer(self.settings.optimizer, self.trainable)
