@@ -37,7 +37,8 @@ Ours, for MoE policies: `actor.update_expert_bias` (the aux-loss-free bias rule 
 `actor.use_balance_loss` (the model's balance loss added to the objective), both off as in verl and slime.
 
 verl's harmless spellings are accepted: `top_k: -1` means off (stored as 0, the sampler's "off"), and
-`actor.clip_ratio` sets `clip_ratio_low` and `clip_ratio_high` where those are absent. Seeds stay None
+`actor.clip_ratio` sets `clip_ratio_low` and `clip_ratio_high` where those are absent, and
+`actor.ppo_micro_batch_size_per_gpu` is `ppo_micro_batch_size_per_device`. Seeds stay None
 when unset: the caller substitutes the run's seed.
 
 Defaults are verl's where the table maps a key to verl's, except (tests/rl/test_rl_config.py pins both sides):
@@ -138,7 +139,7 @@ _SECTIONS = {"data": RLDataConfig, "rollout": RLRolloutConfig, "reward": RLRewar
              "actor": RLActorConfig, "dynamic_sampling": RLDynamicSamplingConfig}
 # YAML key -> field name where they differ; and the accepted aliases per section.
 _YAML_NAMES = {"data": {"path": "paths"}}
-_ALIASES = {"actor": ("clip_ratio",)}
+_ALIASES = {"actor": ("clip_ratio", "ppo_micro_batch_size_per_gpu")}
 
 
 def _unknown_key(dotted, key, known):
@@ -249,6 +250,10 @@ def _actor_values(raw):
         require(_is_number(both), f"{SECTION}.actor.clip_ratio", both, "must be a number")
         values.setdefault("clip_ratio_low", both)
         values.setdefault("clip_ratio_high", both)
+    if "ppo_micro_batch_size_per_gpu" in values:    # verl's name of the same thing
+        require("ppo_micro_batch_size_per_device" not in values, f"{SECTION}.actor.ppo_micro_batch_size_per_gpu",
+                values["ppo_micro_batch_size_per_gpu"], "and ppo_micro_batch_size_per_device are the same key: give one")
+        values["ppo_micro_batch_size_per_device"] = values.pop("ppo_micro_batch_size_per_gpu")
     _check_types(RLActorConfig, "actor", values)
     return values
 

@@ -183,8 +183,8 @@ UNKNOWN_KEYS = [
     (dict(rollout={"temprature": 0.5}), "rl_config.rollout.temprature is not an rl_config key (did you mean "
                                         "temperature?)"),
     (dict(reward={"grade": "deepscaler"}), "rl_config.reward.grade is not an rl_config key (did you mean grader?)"),
-    (dict(actor={"ppo_micro_batch_size_per_gpu": 2}), "rl_config.actor.ppo_micro_batch_size_per_gpu is not an "
-                                                      "rl_config key (did you mean ppo_micro_batch_size_per_device"),
+    (dict(actor={"ppo_micro_batch_size_per_gpus": 2}), "rl_config.actor.ppo_micro_batch_size_per_gpus is not an "
+                                                       "rl_config key (did you mean ppo_micro_batch_size_per_gpu"),
     (dict(actor={"clip_ration": 0.2}), "rl_config.actor.clip_ration is not an rl_config key (did you mean "
                                        "clip_ratio, "),
     (dict(dynamic_sampling={"enabled": True}), "rl_config.dynamic_sampling.enabled is not an rl_config key (did you "
@@ -411,3 +411,12 @@ def test_verl_clip_ratio_c_reads_as_its_dual_clip(verl_defaults):
     """Writing verl's default clip_ratio_c turns on the same dual clip verl runs by default."""
     value = verl_value(verl_defaults, "actor_rollout_ref.actor.clip_ratio_c")
     assert read(actor={"clip_ratio_c": value}).actor.clip_ratio_c == 3.0
+
+
+def test_verl_micro_batch_name_is_accepted_once():
+    section = {"data": {"path": "p.jsonl"}, "rollout": {"n": 2, "prompts_per_step": 4},
+               "actor": {"ppo_micro_batch_size_per_gpu": 2}}
+    assert rl_config_from_run_config({"rl_config": section}).actor.ppo_micro_batch_size_per_device == 2
+    section["actor"]["ppo_micro_batch_size_per_device"] = 4
+    with pytest.raises(ConfigError, match=r"ppo_micro_batch_size_per_gpu \(2\) and ppo_micro_batch_size_per_device"):
+        rl_config_from_run_config({"rl_config": section})
