@@ -43,6 +43,7 @@ from mindpretrain.model_builder import build_model_config  # noqa: E402
 from mindpretrain.model_spec import spec_for_config  # noqa: E402
 from mindpretrain.parallel.layouts import kind_summary  # noqa: E402
 from mindpretrain.parallel.parallel_config import ParallelConfig  # noqa: E402
+from mindpretrain.parallel.plan import plan_parallel, semi_auto_moe_dispatch  # noqa: E402
 from mindpretrain.planning.cost_model import (GIB, TrainingSetup, build_plan, model_facts,  # noqa: E402
                                               optimizer_factor)
 from mindpretrain.planning.rollout_memory import (actor_step, format_rollout,  # noqa: E402
@@ -80,7 +81,23 @@ def load_run(config_path, overrides=(), register_path=None):
     check_run_config(run_config)          # the same key vocabulary as training: typos fail with "did you mean"
     registry.import_register_path(register_path or os.path.join(ROOT, "research", "deepseek3"))
     model_config = build_model_config(run_config)
-    return run_config, model_config, ParallelConfig.from_run_config(run_config)
+    parallel_config = ParallelConfig.from_run_config(run_config)
+    use_launched_moe_dispatch(run_config, model_config, parallel_config)
+    return run_config, model_config, parallel_config
+
+
+def use_launched_moe_dispatch(run_config, model_config, parallel_config):
+    """Set the MoE dispatch the launcher builds the model with (`semi_auto_moe_dispatch`: capacity under
+    semi-auto parallel on Ascend with expert_parallel > 1), so the plan counts that dispatch's buffers."""
+    device = str((run_config.get("context") or {}).get("device_target") or "Ascend").upper()
+    if device != "ASCEND":              # only semi-auto parallel, which needs Ascend, changes the dispatch
+        return
+    use_parallel = run_config.get("use_parallel")
+    plan = plan_parallel(device, use_parallel, parallel_config.device_num if use_parallel else 1, 0,
+                         parallel_config)
+    dispatch = semi_auto_moe_dispatch(plan, parallel_config, model_config)
+    if dispatch != getattr(model_config, "moe_dispatch", None):
+        model_config.moe_dispatch = dispatch
 
 
 def training_setup(run_config, model_config, args, rl_config=None, dp_size=1):

@@ -11,14 +11,25 @@ assignment contributes nothing (MindFormers' semantics; the token keeps its othe
 The layout is ``[dp, E, C, H]``, transposed to ``[E, dp*C, H]`` for three batch matmuls with the stacked
 expert weights ``[E, out, in]``. Their shard strategies split E by ``ep`` (and the rows by ``dp_ep``), while
 the token side is split by ``dp``: the two transposes are where MindSpore inserts the AlltoAll between the
-layouts. Dispatch and combine are one-hot masks ``[dp, n, E, C]`` applied by batch matmuls, so every primitive
-has a plain strategy (kinds ``moe.capacity_*`` in research/deepseek3/sharding.py). The masks cost n*E*C
-elements each per shard and layer (`capacity_footprint`) and as many multiply-adds per hidden unit: fine for
-small n*E, too much at DeepSeek-V3 scale, where MindFormers gathers by index ([dp, E, C] token indices,
-``Gather(batch_dims=1)``) instead. With this dispatch the model stores the routed experts stacked, one
-[E, out, in] Parameter per projection (`moe.StackedRoutedExperts`), read through Casts split (ep, emp) like the
-matmuls' weight inputs, so under semi-auto parallel a device also *stores* only E/ep experts; checkpoints keep the
-HF per-expert names (tests/training/test_stacked_experts_checkpoint.py).
+layouts. Dispatch and combine go by index, as MindFormers does at scale, never through [n, E, C] masks:
+
+- ``slot_token`` int32 [dp, E*C]: the token (0..n-1) in each slot, n when the slot stays empty; a scatter of
+  the kept assignments' token ids into their slots of [dp, E*C + 1] (dropped ones go to the last, spill, slot,
+  which is sliced off);
+- dispatch: ``Gather(batch_dims=1)`` of [x | zero row] [dp, n+1, H] by ``slot_token`` -> [dp, E*C, H];
+- combine: each (token, k) gathers its slot's output from [y | zero row] [dp, E*C+1, H] by ``combine_index``
+  int32 [dp, n*K] (E*C, the zero row, when dropped), times the router weight, summed over K.
+
+Largest buffers per shard and layer (`capacity_footprint`): the k-major assignment one-hot [K*n, E] fp32 and
+its cumsum (transient, no gradient), the expert rows [E*C, H] and the gathered outputs [n*K, H] (kept for
+backward), the two index tensors (E*C + n*K int32, kept). At DeepSeek-V3 671B (n 4096, K 8, E 256, cf 1.5,
+C 192, H 7168): one-hot 8.4M elements (32 MiB fp32), expert rows 49152 x 7168 (672 MiB bf16), gathered outputs
+32768 x 7168 (448 MiB bf16), indices 81920 int32 (320 KiB); the masks this replaces were 201M elements each.
+Every primitive has a plain strategy (kinds ``moe.capacity_*`` in research/deepseek3/sharding.py). With this
+dispatch the model stores the routed experts stacked, one [E, out, in] Parameter per projection
+(`moe.StackedRoutedExperts`), read through Casts split (ep, emp) like the matmuls' weight inputs, so under
+semi-auto parallel a device also *stores* only E/ep experts; checkpoints keep the HF per-expert names
+(tests/training/test_stacked_experts_checkpoint.py).
 """
 import math
 
@@ -51,13 +62,15 @@ def expert_capacity(shard_tokens, top_k, num_experts, capacity_factor):
 
 def capacity_footprint(shard_tokens, top_k, num_experts, capacity_factor, hidden_size):
     """Static sizes of one MoE layer's capacity dispatch per data-parallel shard (for memory planning): the
-    capacity, the elements of each of the two masks [n, E, C] (dispatch, combine; both kept for backward), of
-    the k-major assignment one-hot [K*n, E] (transient) and of the expert input rows [E, C, H]."""
+    capacity; kept for backward: the int32 indices (``slot_token`` [E*C], ``combine_index`` [n*K]), the expert
+    input rows [E*C, H] and the gathered expert outputs [n*K, H]; transient: the k-major assignment one-hot
+    [K*n, E]."""
     capacity = expert_capacity(shard_tokens, top_k, num_experts, capacity_factor)
-    return dict(capacity=capacity, mask_elements=shard_tokens * num_experts * capacity,
-                assignment_onehot_elements=top_k * shard_tokens * num_experts,
-                expert_input_elements=num_experts * capacity * hidden_size,
-                expert_rows=num_experts * capacity, routed_rows=top_k * shard_tokens)
+    rows, routed = num_experts * capacity, top_k * shard_tokens
+    return dict(capacity=capacity, slot_token_elements=rows, combine_index_elements=routed,
+                index_elements=rows + routed, assignment_onehot_elements=top_k * shard_tokens * num_experts,
+                expert_input_elements=rows * hidden_size, gathered_output_elements=routed * hidden_size,
+                expert_rows=rows, routed_rows=routed)
 
 
 class CapacityExperts(nn.Cell):
@@ -78,7 +91,8 @@ class CapacityExperts(nn.Cell):
         self.compute_dtype = compute_dtype
         self.dp_groups = int(dp_groups)
         self._declare_slot_primitives()
-        self._declare_mask_primitives()
+        self._declare_index_primitives()
+        self._declare_gather_primitives()
         self._declare_expert_primitives()
 
     def _declare_slot_primitives(self):
@@ -94,21 +108,30 @@ class CapacityExperts(nn.Cell):
                           "slot_cumsum": "moe.capacity_slot_cumsum", "slot_mul": "moe.capacity_slot_mul",
                           "slot_sum": "moe.capacity_slot_sum", "keep_less": "moe.capacity_keep_less"}
 
-    def _declare_mask_primitives(self):
-        self.expert_onehot = ops.OneHot()                          # [dp, n, K] -> [dp, n, K, E]
-        self.slot_onehot = ops.OneHot()                            # [dp, n, K] -> [dp, n, K, C]
-        self.keep_mul = ops.Mul()
-        self.weight_mul = ops.Mul()
-        self.dispatch_mask_matmul = ops.BatchMatMul(transpose_a=True)   # sum_k e_k^T c_k: [dp, n, E, C]
-        self.combine_mask_matmul = ops.BatchMatMul(transpose_a=True)
-        self.dispatch_matmul = ops.BatchMatMul(transpose_a=True)   # mask^T x: [dp, E*C, H]
-        self.combine_matmul = ops.BatchMatMul()                    # mask y: [dp, n, H]
-        self.shard_ops.update({"expert_onehot": "moe.capacity_expert_onehot",
-                               "slot_onehot": "moe.capacity_slot_onehot", "keep_mul": "moe.capacity_keep_mul",
-                               "weight_mul": "moe.capacity_weight_mul",
-                               "dispatch_mask_matmul": "moe.capacity_mask_matmul",
-                               "combine_mask_matmul": "moe.capacity_mask_matmul",
-                               "dispatch_matmul": "moe.capacity_dispatch", "combine_matmul": "moe.capacity_combine"})
+    def _declare_index_primitives(self):
+        self.expert_offset_mul = ops.Mul()                         # expert * C: its first slot in [E*C]
+        self.slot_position_add = ops.Add()                         # + slot
+        self.spill_select = ops.Select()                           # dropped -> E*C (spill slot / zero row)
+        self.token_ones = ops.OnesLike()                           # [dp, n, K]
+        self.token_cumsum = ops.CumSum(exclusive=True)             # along n: each assignment's token id
+        self.slot_scatter = ops.TensorScatterElements(axis=1)      # token ids into [dp, E*C + 1]
+        self.slot_slice = ops.StridedSlice()                       # drop the spill slot -> [dp, E*C]
+        self.shard_ops.update({"expert_offset_mul": "moe.capacity_expert_offset",
+                               "slot_position_add": "moe.capacity_slot_position",
+                               "spill_select": "moe.capacity_spill_select", "token_ones": "moe.capacity_token_ids",
+                               "token_cumsum": "moe.capacity_token_ids", "slot_scatter": "moe.capacity_slot_scatter",
+                               "slot_slice": "moe.capacity_slot_slice"})
+
+    def _declare_gather_primitives(self):
+        self.token_zero_row = ops.Concat(axis=1)                   # [x | 0]: [dp, n + 1, H]
+        self.slot_zero_row = ops.Concat(axis=1)                    # [y | 0]: [dp, E*C + 1, H]
+        self.dispatch_gather = ops.Gather(batch_dims=1)            # [dp, n+1, H] by [dp, E*C] -> [dp, E*C, H]
+        self.combine_gather = ops.Gather(batch_dims=1)             # [dp, E*C+1, H] by [dp, n*K] -> [dp, n*K, H]
+        self.weight_mul = ops.Mul()                                # [dp, n, K, H] * [dp, n, K, 1]
+        self.combine_sum = ops.ReduceSum(keep_dims=False)          # over K -> [dp, n, H]
+        self.shard_ops.update({"token_zero_row": "moe.capacity_zero_row", "slot_zero_row": "moe.capacity_zero_row",
+                               "dispatch_gather": "moe.capacity_dispatch", "combine_gather": "moe.capacity_combine",
+                               "weight_mul": "moe.capacity_weight_mul", "combine_sum": "moe.capacity_combine_sum"})
 
     def _declare_expert_primitives(self):
         self.to_experts = ops.Transpose()                          # [dp, E, C, H] -> [E, dp, C, H]
@@ -125,22 +148,29 @@ class CapacityExperts(nn.Cell):
 
     def construct(self, x, topk_idx, topk_weight, gate_weights, up_weights, down_weights):
         tokens, hidden = x.shape
-        groups = self.dp_groups
+        groups, experts = self.dp_groups, self.num_experts
         per_group = tokens_per_group(tokens, groups)
-        capacity = expert_capacity(per_group, self.top_k, self.num_experts, self.capacity_factor)
-        slots = self.slots(topk_idx.reshape(groups, per_group, self.top_k))
-        dispatch, combine = self.masks(topk_idx.reshape(groups, per_group, self.top_k), slots,
-                                       topk_weight.reshape(groups, per_group, self.top_k), capacity)
-        rows = self.num_experts * capacity
-        x_groups = ops.cast(x, self.compute_dtype).reshape(groups, per_group, hidden)
-        expert_in = self.dispatch_matmul(dispatch.reshape(groups, per_group, rows), x_groups)   # [dp, E*C, H]
-        expert_in = self.to_experts(expert_in.reshape(groups, self.num_experts, capacity, hidden), (1, 0, 2, 3))
-        expert_in = expert_in.reshape(self.num_experts, groups * capacity, hidden)
+        capacity = expert_capacity(per_group, self.top_k, experts, self.capacity_factor)
+        topk_idx = topk_idx.reshape(groups, per_group, self.top_k)
+        slot_token, combine_index = self.indices(topk_idx, self.slots(topk_idx), capacity)
+        x_rows = self._with_zero_row(self.token_zero_row, ops.cast(x, self.compute_dtype).reshape(
+            groups, per_group, hidden))
+        expert_in = self.dispatch_gather(x_rows, slot_token, 1)                                 # [dp, E*C, H]
+        expert_in = self.to_experts(expert_in.reshape(groups, experts, capacity, hidden), (1, 0, 2, 3))
+        expert_in = expert_in.reshape(experts, groups * capacity, hidden)
         gate = self.silu(self.gate_matmul(expert_in, gate_weights))
         y = self.down_matmul(self.swiglu_mul(gate, self.up_matmul(expert_in, up_weights)), down_weights)
-        y = self.from_experts(y.reshape(self.num_experts, groups, capacity, hidden), (1, 0, 2, 3))
-        out = self.combine_matmul(combine.reshape(groups, per_group, rows), y.reshape(groups, rows, hidden))
+        y = self.from_experts(y.reshape(experts, groups, capacity, hidden), (1, 0, 2, 3))
+        y_rows = self._with_zero_row(self.slot_zero_row, y.reshape(groups, experts * capacity, hidden))
+        routed = self.combine_gather(y_rows, combine_index, 1).reshape(groups, per_group, self.top_k, hidden)
+        weight = ops.expand_dims(ops.cast(topk_weight, self.compute_dtype).reshape(groups, per_group, self.top_k), -1)
+        out = self.combine_sum(self.weight_mul(routed, weight), 2)
         return out.reshape(tokens, hidden)
+
+    def _with_zero_row(self, concat, rows):
+        """[dp, m, H] -> [dp, m + 1, H] with a last row of zeros: where empty slots and dropped assignments read."""
+        groups, _, hidden = rows.shape
+        return concat((rows, ops.zeros((groups, 1, hidden), rows.dtype)))
 
     def slots(self, topk_idx):
         """topk_idx int32 [dp, n, K] -> int32 [dp, n, K]: each assignment's position among its shard's assignments
@@ -153,18 +183,19 @@ class CapacityExperts(nn.Cell):
         slot = self.slot_sum(self.slot_mul(before, chosen), -1).reshape(groups, top_k, per_group)
         return ops.stop_gradient(ops.cast(self.to_token_major(slot, (0, 2, 1)), ms.int32))
 
-    def masks(self, topk_idx, slots, topk_weight, capacity):
-        """-> (dispatch, combine) [dp, n, E, C] in the compute dtype: 1 (the router weight) where token t of a
-        shard holds slot c of expert e; an assignment with slot >= C appears in neither."""
-        on, off = Tensor(1.0, self.compute_dtype), Tensor(0.0, self.compute_dtype)
-        kept = ops.cast(self.keep_less(slots, capacity), self.compute_dtype)
-        slot_onehot = self.keep_mul(self.slot_onehot(slots, capacity, on, off), ops.expand_dims(kept, -1))
-        expert_onehot = self.expert_onehot(topk_idx, self.num_experts, on, off)              # [dp, n, K, E]
-        slot_onehot, expert_onehot = ops.stop_gradient(slot_onehot), ops.stop_gradient(expert_onehot)
-        dispatch = self.dispatch_mask_matmul(expert_onehot, slot_onehot)
-        weight = ops.expand_dims(ops.cast(topk_weight, self.compute_dtype), -1)             # [dp, n, K, 1]
-        combine = self.combine_mask_matmul(expert_onehot, self.weight_mul(slot_onehot, weight))
-        return ops.stop_gradient(dispatch), combine
+    def indices(self, topk_idx, slots, capacity):
+        """(slot_token int32 [dp, E*C], combine_index int32 [dp, n*K]) of topk_idx and slots [dp, n, K]:
+        the token in each slot (n: empty) and each (token, k)'s slot e*C + slot (E*C: dropped, slot >= C)."""
+        groups, per_group, top_k = topk_idx.shape
+        rows = self.num_experts * capacity
+        position = self.slot_position_add(self.expert_offset_mul(topk_idx, capacity), slots)
+        combine_index = self.spill_select(self.keep_less(slots, capacity), position, ops.full_like(position, rows))
+        token = self.token_cumsum(self.token_ones(topk_idx), 1)                                  # [dp, n, K]
+        combine_index = combine_index.reshape(groups, per_group * top_k)
+        empty = ops.full((groups, rows + 1), per_group, dtype=ms.int32)
+        slot_token = self.slot_scatter(empty, combine_index, token.reshape(groups, per_group * top_k))
+        slot_token = self.slot_slice(slot_token, (0, 0), (groups, rows), (1, 1))
+        return ops.stop_gradient(slot_token), ops.stop_gradient(combine_index)
 
 
 def set_dp_groups(model, dp_groups):

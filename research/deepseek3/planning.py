@@ -94,24 +94,48 @@ def layer_activation_terms(model_config, parallel_config, layer, seq_length, fus
 
 
 def _moe_terms(model_config, parallel_config, fused_kernels, tokens):
-    """The router, the routed tokens and experts (with the reference dispatch's padding) and the shared experts."""
+    """The router, the routed tokens and experts (with the dispatch's padding or capacity) and the shared
+    experts."""
     k, experts = model_config.num_experts_per_tok, model_config.n_routed_experts
     emp, sp = parallel_config.expert_tensor_parallel, parallel_config.sequence_parallel
     h, width = model_config.hidden_size, model_config.moe_intermediate_size
-    padding, weight_copies = 1.0, 0.0
-    if not fused_kernels and tokens:
-        padding, weight_copies = _reference_dispatch(model_config, tokens)
-    terms = [
-        ("router scores and balance-loss normalisation", 4 * experts / sp, "fp32"),
-        ("dispatched tokens and routed outputs", (padding + 1) * k * h / sp, "compute"),
-        ("routed experts gate/up/silu/product", padding * 4 * k * width / emp / sp, "compute"),
-    ]
-    if weight_copies:
-        terms.append(("expert weights gathered per dispatch block", weight_copies / emp, "compute"))
+    terms = [("router scores and balance-loss normalisation", 4 * experts / sp, "fp32")]
+    if getattr(model_config, "moe_dispatch", None) == "capacity" and tokens:
+        terms += capacity_dispatch_terms(model_config, parallel_config, tokens)
+    else:
+        padding, weight_copies = 1.0, 0.0
+        if not fused_kernels and tokens:
+            padding, weight_copies = _reference_dispatch(model_config, tokens)
+        terms += [("dispatched tokens and routed outputs", (padding + 1) * k * h / sp, "compute"),
+                  ("routed experts gate/up/silu/product", padding * 4 * k * width / emp / sp, "compute")]
+        if weight_copies:
+            terms.append(("expert weights gathered per dispatch block", weight_copies / emp, "compute"))
     if model_config.n_shared_experts:
         terms.append(("shared experts gate/up/silu/product",
                       4 * width * model_config.n_shared_experts / parallel_config.model_parallel, "compute"))
     return terms
+
+
+def capacity_dispatch_terms(model_config, parallel_config, tokens):
+    """Per-token kept buffers of the capacity dispatch (capacity_dispatch.py) for `tokens` = n, the tokens of a
+    data-parallel shard (micro batch x seq per device under semi-auto parallel). A device holds the E*C expert
+    rows of one shard (E/ep experts x dp/dp_ep shards' C rows), where the other dispatches hold K per token:
+    the expert inputs and activations scale by E*C / (K*n) instead; plus the gathered outputs [n*K, H] and the
+    int32 slot/combine indices. The token side is split by dp only (never by the sequence)."""
+    from research.deepseek3.capacity_dispatch import DEFAULT_CAPACITY_FACTOR, capacity_footprint   # MindSpore
+
+    tokens = int(tokens)
+    h, width = model_config.hidden_size, model_config.moe_intermediate_size
+    footprint = capacity_footprint(tokens, model_config.num_experts_per_tok, model_config.n_routed_experts,
+                                   getattr(model_config, "moe_capacity_factor", DEFAULT_CAPACITY_FACTOR), h)
+    rows_per_token = footprint["expert_rows"] / tokens
+    return [
+        ("dispatched tokens and routed outputs",
+         (footprint["expert_input_elements"] + footprint["gathered_output_elements"]) / tokens, "compute"),
+        ("routed experts gate/up/silu/product",
+         rows_per_token * 4 * width / parallel_config.expert_tensor_parallel, "compute"),
+        ("capacity dispatch slot and combine indices", footprint["index_elements"] / tokens, "int32"),
+    ]
 
 
 def _reference_dispatch(model_config, tokens):

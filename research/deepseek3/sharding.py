@@ -95,23 +95,27 @@ OP_SYMBOLS = {
     "moe.combine_mul": (("dp", None, None), ("dp", None, None)),                     # y [T,K,H] * w [T,K,1]
     # Routed experts, capacity dispatch (research/deepseek3/capacity_dispatch.py), MindFormers' expert
     # parallelism: tokens as dp shards of n, per shard C slots per expert. Token side [dp, ...] over dp: slots
-    # from a k-major one-hot [dp, K*n, E] (cumsum over assignments), masks [dp, n, E, C] = sum_k expert one-hot
-    # x slot one-hot (a batch matmul over [dp, n]), dispatch mask^T x -> [dp, E*C, H], combine mask y -> [dp, n,
-    # H]. Expert side [E, dp*C, ...]: E over ep, the rows over dp_ep (= dp / ep), the width I over emp, the
-    # weights [E, out, in] over ep like the rows. The transposes between the two sides carry the layout
-    # change, where MindSpore inserts the AlltoAll inside each expert-parallel group (enable_alltoall).
+    # from a k-major one-hot [dp, K*n, E] (cumsum over assignments), then by index, no [n, E, C] mask: each
+    # (token, k)'s slot e*C + slot (E*C when dropped), the token of each slot scattered into [dp, E*C + 1]
+    # (the last, spill, slot sliced off), dispatch Gather(batch_dims=1) [x | 0] [dp, n+1, H] by [dp, E*C], combine
+    # Gather [y | 0] [dp, E*C+1, H] by [dp, n*K], times the router weight, summed over K. Expert side
+    # [E, dp*C, ...]: E over ep, the rows over dp_ep (= dp / ep), the width I over emp, the weights [E, out, in]
+    # over ep like the rows. The transposes between the two sides carry the layout change, where MindSpore
+    # inserts the AlltoAll inside each expert-parallel group (enable_alltoall).
     "moe.capacity_k_major": (("dp", None, None),),                                   # [dp, n, K] <-> [dp, K, n]
     "moe.capacity_assignment_onehot": (("dp", None, None), (), ()),                  # out [dp, K*n, E]
     "moe.capacity_slot_cumsum": (("dp", None, None),),                               # along K*n
     "moe.capacity_slot_mul": (("dp", None, None), ("dp", None, None)),
     "moe.capacity_slot_sum": (("dp", None, None),),                                  # over E -> [dp, K*n]
     "moe.capacity_keep_less": (("dp", None, None), ()),                              # slot [dp, n, K] < C
-    "moe.capacity_expert_onehot": (("dp", None, None, None), (), ()),                # out [dp, n, K, E]
-    "moe.capacity_slot_onehot": (("dp", None, None, None), (), ()),                  # out [dp, n, K, C]
-    "moe.capacity_keep_mul": (("dp", None, None, None), ("dp", None, None, None)),   # [dp,n,K,C] * [dp,n,K,1]
-    "moe.capacity_weight_mul": (("dp", None, None, None), ("dp", None, None, None)),
-    "moe.capacity_mask_matmul": (("dp", None, None, None), ("dp", None, None, None)),  # [dp,n,K,E]^T [dp,n,K,C]
-    "moe.capacity_dispatch": (("dp", None, None), ("dp", None, None)),               # mask^T [dp,n,EC] x [dp,n,H]
+    "moe.capacity_expert_offset": (("dp", None, None), ()),                          # expert [dp, n, K] * C
+    "moe.capacity_slot_position": (("dp", None, None), ("dp", None, None)),          # + slot
+    "moe.capacity_spill_select": (("dp", None, None),) * 3,                          # kept ? e*C+slot : E*C
+    "moe.capacity_token_ids": (("dp", None, None),),                                 # ones, cumsum along n
+    "moe.capacity_slot_scatter": (("dp", None), ("dp", None), ("dp", None)),         # [dp,E*C+1] <- [dp,n*K]
+    "moe.capacity_slot_slice": (("dp", None),),                                      # -> slot_token [dp, E*C]
+    "moe.capacity_zero_row": (("dp", None, None), ("dp", None, None)),               # [rows | 0] along axis 1
+    "moe.capacity_dispatch": (("dp", None, None), ("dp", None)),                     # [dp,n+1,H] by [dp,E*C]
     "moe.capacity_to_experts": (("dp_ep", "ep", None, None),),                       # [dp,E,C,H] -> [E,dp,C,H]
     # the stacked expert Parameters [E, I, H] / [E, H, I] are read through a Cast split like the matmul's weight
     # input, so each device stores E/ep experts (moe.StackedRoutedExperts)
@@ -124,7 +128,9 @@ OP_SYMBOLS = {
     "moe.capacity_swiglu_mul": (("ep", "dp_ep", "emp"), ("ep", "dp_ep", "emp")),
     "moe.capacity_down_proj": (("ep", "dp_ep", "emp"), ("ep", None, "emp")),        # contracts the split I
     "moe.capacity_from_experts": (("ep", "dp_ep", None, None),),                     # [E,dp,C,H] -> [dp,E,C,H]
-    "moe.capacity_combine": (("dp", None, None), ("dp", None, None)),                # mask [dp,n,EC] y [dp,EC,H]
+    "moe.capacity_combine": (("dp", None, None), ("dp", None)),                      # [dp,E*C+1,H] by [dp,n*K]
+    "moe.capacity_weight_mul": (("dp", None, None, None), ("dp", None, None, None)),  # [dp,n,K,H] * [dp,n,K,1]
+    "moe.capacity_combine_sum": (("dp", None, None, None),),                         # over K -> [dp, n, H]
     # Shared experts: the SwiGLU of layers.py on tokens [T, I] (projections: kinds moe.shared_*_proj).
     "moe.shared_silu": (("dp", "mp"),),                                              # sigmoid(g)
     "moe.shared_silu_mul": (("dp", "mp"), ("dp", "mp")),                             # g * sigmoid(g)

@@ -131,7 +131,12 @@ def test_without_drops_the_capacity_dispatch_equals_block_sparse_forward_and_gra
     copy_weights(block_moe, capacity_moe)
     assert capacity_moe.routed_compute.capacity_factor == factor
     x = random_hidden()
-    assert numpy_slots(routing(block_moe, x.reshape(-1, HIDDEN)), 1).max() < BATCH * SEQ
+    topk_idx = routing(block_moe, x.reshape(-1, HIDDEN))
+    assert numpy_slots(topk_idx, 1).max() < BATCH * SEQ
+    slot_token, _ = capacity_moe.routed_compute.indices(
+        Tensor(topk_idx.reshape(1, -1, TOP_K)), Tensor(numpy_slots(topk_idx, 1).reshape(1, -1, TOP_K)), BATCH * SEQ)
+    empty = slot_token.asnumpy() == BATCH * SEQ              # C = n slots per expert, N*K of them taken
+    assert empty.sum() == EXPERTS * BATCH * SEQ - BATCH * SEQ * TOP_K
     for ours, theirs in zip(capacity_moe(Tensor(x)), block_moe(Tensor(x))):
         np.testing.assert_allclose(ours.asnumpy(), theirs.asnumpy(), **TOLERANCE)
     cotangent = Tensor(np.random.RandomState(1).randn(BATCH, SEQ, HIDDEN).astype(np.float32))
@@ -160,17 +165,21 @@ def test_small_capacity_drops_exactly_the_assignments_past_the_capacity_k_major(
     cell = moe.routed_compute
     ms_slots = cell.slots(Tensor(topk_idx.reshape(1, -1, TOP_K))).asnumpy().reshape(-1, TOP_K)
     np.testing.assert_array_equal(ms_slots, slots)
-    weights = np.random.RandomState(3).rand(BATCH * SEQ, TOP_K).astype(np.float32)
-    dispatch, combine = [item.asnumpy()[0] for item in cell.masks(
-        Tensor(topk_idx.reshape(1, -1, TOP_K)), Tensor(slots.reshape(1, -1, TOP_K).astype(np.int32)),
-        Tensor(weights.reshape(1, -1, TOP_K)), capacity)]
-    expected = np.zeros((BATCH * SEQ, EXPERTS, capacity), np.float32)
+    slot_token, combine_index = [item.asnumpy()[0] for item in cell.indices(
+        Tensor(topk_idx.reshape(1, -1, TOP_K)), Tensor(slots.reshape(1, -1, TOP_K).astype(np.int32)), capacity)]
+    rows, tokens = EXPERTS * capacity, BATCH * SEQ
+    expected_token = np.full(rows, tokens)                   # n: an empty slot reads the zero row
+    expected_index = np.full((tokens, TOP_K), rows)          # E*C: a dropped assignment reads the zero row
     for t, k in zip(*np.nonzero(kept)):
-        expected[t, topk_idx[t, k], slots[t, k]] = 1.0
-    np.testing.assert_array_equal(dispatch, expected)
-    for t, k in zip(*np.nonzero(~kept)):                   # a dropped assignment has no slot and no weight
-        assert not dispatch[t, topk_idx[t, k]].any() and not combine[t, topk_idx[t, k]].any()
-    np.testing.assert_allclose(combine.sum((1, 2)), (weights * kept).sum(1), rtol=1e-6)
+        expected_token[topk_idx[t, k] * capacity + slots[t, k]] = t
+        expected_index[t, k] = topk_idx[t, k] * capacity + slots[t, k]
+    assert slot_token.dtype == combine_index.dtype == np.int32
+    np.testing.assert_array_equal(slot_token, expected_token)
+    np.testing.assert_array_equal(combine_index.reshape(tokens, TOP_K), expected_index)
+    assert (slot_token < tokens).sum() == kept.sum() == rows        # here every slot is taken
+    for t, k in zip(*np.nonzero(~kept)):                   # a dropped assignment holds no slot of its expert
+        expert = topk_idx[t, k]
+        assert t not in slot_token[expert * capacity:(expert + 1) * capacity]
 
     out = moe(Tensor(x2d.reshape(BATCH, SEQ, HIDDEN)))[0].asnumpy().reshape(-1, HIDDEN)
     np.testing.assert_allclose(out, numpy_moe(moe, x2d, kept), **TOLERANCE)
@@ -198,8 +207,13 @@ def test_capacity_and_footprint_by_hand():
     assert expert_capacity(4096, 8, 256, 1.5) == 192 and expert_capacity(4096, 8, 256, 1.1) == 141   # ceil(140.8)
     assert expert_capacity(4, 2, 8, 100.0) == 4 and expert_capacity(4, 1, 8, 0.01) == 1              # [1, n]
     footprint = capacity_footprint(4096, 8, 256, 1.5, 7168)       # DeepSeek-V3 671B, seq 4096, batch 1 per shard
-    assert footprint["mask_elements"] == 4096 * 256 * 192 == 201_326_592
-    assert footprint["expert_rows"] == 49152 and footprint["routed_rows"] == 32768
+    assert footprint["capacity"] == 192 and footprint["expert_rows"] == 256 * 192 == 49152
+    assert footprint["routed_rows"] == 8 * 4096 == 32768
+    assert footprint["slot_token_elements"] == 49152 and footprint["combine_index_elements"] == 32768
+    assert footprint["index_elements"] == 81920                  # int32; the [n, E, C] masks were 201,326,592 each
+    assert footprint["assignment_onehot_elements"] == 8 * 4096 * 256 == 8_388_608
+    assert footprint["expert_input_elements"] == 49152 * 7168
+    assert footprint["gathered_output_elements"] == 32768 * 7168
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -227,7 +241,7 @@ def tiny_model_config(**overrides):
 def test_table_splits_experts_by_ep_and_tokens_by_dp(dp, ep, dp_ep):
     pc = ParallelConfig.from_dict(dict(data_parallel=dp, model_parallel=2, expert_parallel=ep))   # emp = mp = 2
     strategies = op_strategies(pc, SHARD_TABLE)
-    assert len(CAPACITY_KINDS) == 23
+    assert len(CAPACITY_KINDS) == 27
     # the stacked expert Parameters are read through casts split like the matmuls' weights: E/ep per device
     assert strategies["moe.capacity_gate_weight"] == strategies["moe.capacity_up_weight"] == ((ep, 2, 1),)
     assert strategies["moe.capacity_down_weight"] == ((ep, 1, 2),)
@@ -238,9 +252,10 @@ def test_table_splits_experts_by_ep_and_tokens_by_dp(dp, ep, dp_ep):
     assert strategies["moe.capacity_swiglu_mul"] == ((ep, dp_ep, 2),) * 2
     assert strategies["moe.capacity_to_experts"] == ((dp_ep, ep, 1, 1),)       # [dp, E, C, H]: E over ep
     assert strategies["moe.capacity_from_experts"] == ((ep, dp_ep, 1, 1),)     # [E, dp, C, H]
-    for kind in ("moe.capacity_dispatch", "moe.capacity_combine"):
-        assert strategies[kind] == ((dp, 1, 1), (dp, 1, 1)), kind
-    assert strategies["moe.capacity_mask_matmul"] == ((dp, 1, 1, 1), (dp, 1, 1, 1))
+    for kind in ("moe.capacity_dispatch", "moe.capacity_combine"):     # Gather(batch_dims=1): [dp, rows, H], [dp, m]
+        assert strategies[kind] == ((dp, 1, 1), (dp, 1)), kind
+    assert strategies["moe.capacity_slot_scatter"] == ((dp, 1),) * 3
+    assert not {kind for kind in CAPACITY_KINDS if "mask" in kind}      # no [n, E, C] mask is built any more
     assert strategies["moe.capacity_assignment_onehot"] == ((dp, 1, 1), (), ())
     expert_side = {f"moe.capacity_{name}" for name in ("to_experts", "gate_proj", "up_proj", "silu", "swiglu_mul",
                                                         "down_proj", "from_experts")} | WEIGHT_KINDS
@@ -263,7 +278,7 @@ def test_forced_application_records_every_capacity_strategy_and_the_output_does_
                                            for index in model.model_config.moe_layer_indices]
     for path, cell in cells:
         primitives = {name for name, value in vars(cell).items() if isinstance(value, Primitive)}
-        assert primitives == set(cell.shard_ops) and len(primitives) == 22, path
+        assert primitives == set(cell.shard_ops) and len(primitives) == 27, path
         assert set(cell.shard_ops.values()) == CAPACITY_KINDS - WEIGHT_KINDS
         for attribute, kind in cell.shard_ops.items():
             assert getattr(cell, attribute).attrs["in_strategy"] == op_strategy(kind, pc, SHARD_TABLE), attribute

@@ -85,8 +85,8 @@ def test_actor_step_shape_and_the_plan_built_at_it(tiny_grpo):
     assert rollout.peak == max(max(t, s.total) for t, s in zip(rollout.training_peaks, rollout.stages))
 
 
-@pytest.mark.parametrize("yaml_path, rows, positions, seq", [(YAML_VERL, 128, 4096, 4096),
-                                                             (YAML_SLIME, 64, 34816, 34816)])
+@pytest.mark.parametrize("yaml_path, rows, positions, seq", [(YAML_VERL, 64, 4096, 4096),
+                                                             (YAML_SLIME, 32, 34816, 34816)])
 def test_671b_grpo_recipes_plan_with_a_rollout_section(yaml_path, rows, positions, seq, capsys):
     assert plan_tool.main(["--config", str(yaml_path), "--check"]) == 0
     out = capsys.readouterr().out
@@ -101,11 +101,11 @@ def test_671b_json_rollout_numbers_match_a_hand_count(capsys):
     rollout = report["rollout"]
     assert rollout["actor_step"] == {"seq_length": 4096, "micro_batch_size": 1, "micro_batches_per_update": 512}
     assert report["setup"]["seq_length"] == 4096 and report["setup"]["micro_batch_size"] == 1
-    assert (rollout["decode_rows"], rollout["positions"]) == (128, 4096)
+    assert (rollout["decode_rows"], rollout["positions"]) == (64, 4096)
     worst = rollout["stages"][rollout["worst_stage"]]
     layers = len([layer for layer in report["placement"]["stages"][rollout["worst_stage"]]["layers"] if layer < 61])
     assert layers == 4 and worst["cached_layers"] == 4
-    assert rollout["kv_cache_bytes"] == 4 * (512 + 64) * 2 * 128 * 4096        # bf16 latent + rope key
+    assert rollout["kv_cache_bytes"] == 4 * (512 + 64) * 2 * 64 * 4096         # bf16 latent + rope key
     stage = report["memory_bytes_per_device"][rollout["worst_stage"]]
     assert rollout["weight_bytes"] == stage["weights"]
     assert rollout["reference_bytes"] == stage["weights"] / 2                  # float32 weights, bf16 copy
@@ -123,7 +123,7 @@ def test_rollout_that_does_not_fit_names_the_largest_decode_batch_that_does(caps
     assert "DOES NOT FIT" in out.split("rollout (GRPO)")[1]
     assert plan_tool.main(args + ["--json"]) == 0
     fitting = json.loads(capsys.readouterr().out)["rollout"]["fitting_decode_batch_size"]
-    assert 128 < fitting < 512
+    assert 64 < fitting < 512
     for rows, fits in ((fitting, True), (fitting + 1, False)):
         assert plan_tool.main(["--config", str(YAML_VERL), f"--rl_config.rollout.decode_batch_size={rows}",
                                "--json"]) == 0
