@@ -29,6 +29,7 @@ def trainer(data_prefix, output, dispatch, steps=3):
         f"train_dataset.data_loader.config.data_path=[{data_prefix}]", "train_dataset.data_loader.config.seq_length=16",
         "model.model_config.seq_length=16", "model.model_config.vocab_size=256", f"runner_config.train_steps={steps}",
         "runner_config.batch_size=2", f"+model.model_config.moe_dispatch={dispatch}",
+        "model.model_config.num_hidden_layers=2", "model.model_config.num_nextn_predict_layers=0",
         "+model.model_config.moe_capacity_factor=4.0"])       # E / K: no assignment is ever dropped
     config["callbacks"][1]["save_checkpoint_steps"] = 2
     model_config, model = build_model(config, "CPU")
