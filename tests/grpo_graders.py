@@ -11,3 +11,9 @@ def odd_labels_only(response, ground_truth, **_):
     """`digit_share` for prompts with an odd label, 0 for the others: the even-label groups carry no signal, which
     dynamic sampling must filter out."""
     return digit_share(response, ground_truth) if int(ground_truth) % 2 else 0.0
+
+
+def overflowing(response, ground_truth, **_):
+    """`digit_share` scaled to near float32's largest value: without std normalisation the advantages, and so the
+    gradient norm, overflow — a deterministic non-finite update."""
+    return 3.0e38 * digit_share(response, ground_truth)

@@ -189,12 +189,15 @@ def choose(logits, seen, params, rng):
 
 # ----- the loop ------------------------------------------------------------------------------------------------
 
-def left_pad(prompts, pad_id=0):
-    """Token-id lists -> (ids int32 [B, P] padded on the left with `pad_id`, lengths int32 [B])."""
+def left_pad(prompts, pad_id=0, width=None):
+    """Token-id lists -> (ids int32 [B, P] padded on the left with `pad_id`, lengths int32 [B]); P is the longest
+    prompt, or `width` (at least that) so that every batch has one shape (one compiled prefill)."""
     require(len(prompts) > 0, "prompts", prompts, "must hold at least one prompt")
     lengths = np.array([len(prompt) for prompt in prompts], dtype=np.int32)
     require(lengths.min() > 0, "prompts", [int(n) for n in lengths], "must all hold at least one token")
-    ids = np.full((len(prompts), int(lengths.max())), pad_id, dtype=np.int32)
+    require(width is None or width >= lengths.max(), "prompt width", width,
+            f"must hold the longest prompt ({int(lengths.max())} tokens)")
+    ids = np.full((len(prompts), int(width or lengths.max())), pad_id, dtype=np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, ids.shape[1] - len(prompt):] = np.asarray(prompt, dtype=np.int32)
     return ids, lengths
@@ -208,13 +211,14 @@ def _seen_tokens(ids, lengths, vocab):
     return seen
 
 
-def generate(decoder, prompts, params, pad_id=0):
+def generate(decoder, prompts, params, pad_id=0, prompt_width=None):
     """Sample up to `params.max_new_tokens` tokens after each prompt -> [Completion] in prompt order.
 
-    `decoder` follows `CachedDecoder` with batch_size == len(prompts). Prompts are left-padded and prefilled in
-    one call, then one `step` per new token for the whole batch; a finished row keeps stepping (its tokens are
-    discarded) until every row has stopped or reached the length limit."""
-    ids, lengths = left_pad(prompts, pad_id)
+    `decoder` follows `CachedDecoder` with batch_size == len(prompts). Prompts are left-padded (to the longest,
+    or to `prompt_width` for one prefill shape across calls) and prefilled in one call, then one `step` per new
+    token for the whole batch; a finished row keeps stepping (its tokens are discarded) until every row has
+    stopped or reached the length limit."""
+    ids, lengths = left_pad(prompts, pad_id, prompt_width)
     rows = ids.shape[0]
     require(rows == decoder.batch_size, "prompts", rows, f"must number the decoder's batch size {decoder.batch_size}")
     needed = ids.shape[1] + params.max_new_tokens - 1            # the last token is never fed back

@@ -143,7 +143,7 @@ class GRPOTrainer:
         samples = sample_groups(self.decoder, records, self.rl.rollout.n,
                                 lambda chunk: sampling_params(self.rl.rollout, self.eos_ids,
                                                               self._draw_seed(step, round_index, chunk)),
-                                self.pad_id)
+                                self.pad_id, self.rl.data.max_prompt_length)
         started = time.time()
         texts = [self.tokenizer.decode(sample.response_ids, skip_special_tokens=True) for sample in samples]
         scored = self.rewards.score(texts, [sample.label for sample in samples])

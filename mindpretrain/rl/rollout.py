@@ -39,17 +39,18 @@ def sampling_params(rollout_config, eos_ids, seed):
                           eos_token_ids=tuple(eos_ids), seed=seed)
 
 
-def sample_groups(decoder, records, n, params_for_chunk, pad_id=0):
+def sample_groups(decoder, records, n, params_for_chunk, pad_id=0, prompt_width=None):
     """`n` responses to each PromptRecord (groups contiguous, in record order) -> [Sample].
 
-    `params_for_chunk(chunk_index)` gives the SamplingParams of each decoder call (its seed)."""
+    `params_for_chunk(chunk_index)` gives the SamplingParams of each decoder call (its seed); prompts are
+    left-padded to `prompt_width` (the longest allowed prompt: one compiled prefill for every step)."""
     rows = [(group, record) for group, record in enumerate(records) for _ in range(n)]
     samples, width = [], decoder.batch_size
     for chunk, start in enumerate(range(0, len(rows), width)):
         part = rows[start:start + width]
         prompts = [record.ids for _, record in part]
         prompts += [prompts[0]] * (width - len(prompts))
-        completions = generate(decoder, prompts, params_for_chunk(chunk), pad_id)
+        completions = generate(decoder, prompts, params_for_chunk(chunk), pad_id, prompt_width)
         for (group, record), completion in zip(part, completions):
             samples.append(Sample(group, record.index, list(record.ids), list(completion.tokens),
                                   list(completion.logprobs), completion.finish_reason, record.label))

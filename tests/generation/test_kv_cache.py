@@ -155,6 +155,23 @@ def test_greedy_equals_transformers_generate(case):
     assert hf_greedy(case.hf, case.prompts[0], new_tokens, eos=eos) == free[0][:3]
 
 
+def test_a_fixed_prompt_width_changes_nothing_but_the_prefill_shape(case):
+    """Left-padding every batch to one width (one compiled prefill shape, as GRPO rollouts do) gives the same
+    greedy tokens and log-probs as padding to the batch's longest prompt."""
+    new_tokens, width = 4, max(PROMPT_LENGTHS) + 3
+    params = SamplingParams(max_new_tokens=new_tokens)
+    tight = generate(DeepseekV3CachedDecoder(case.model, len(case.prompts), max(PROMPT_LENGTHS) + new_tokens),
+                     case.prompts, params)
+    wide = generate(DeepseekV3CachedDecoder(case.model, len(case.prompts), width + new_tokens), case.prompts, params,
+                    prompt_width=width)
+    for one, other in zip(tight, wide):
+        assert one.tokens == other.tokens
+        np.testing.assert_allclose(one.logprobs, other.logprobs, atol=1e-5)
+    with pytest.raises(ConfigError, match="must hold the longest prompt"):
+        generate(DeepseekV3CachedDecoder(case.model, len(case.prompts), width + new_tokens), case.prompts, params,
+                 prompt_width=1)
+
+
 def test_wrapping_keeps_parameter_names(case):
     DeepseekV3CachedDecoder(case.model, 2, 8)
     names = {name: tuple(param.shape) for name, param in case.model.parameters_and_names()}
