@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--experts", type=int, default=16)
     args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    from mindpretrain.utils.atomic_files import atomic_write_json
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         prefix = write_data(folder)
@@ -116,9 +118,8 @@ def main():
         print(f"{key}: ep1 {values['ep1_median']:.4g}, ep2 {values['ep2_median']:.4g}, ep2/ep1 "
               f"{values['ratio_median']:.3f} (rounds {values['ratio_min']:.3f}-{values['ratio_max']:.3f})")
     print(f"load average {load_start[0]:.2f} -> {result['load_end'][0]:.2f}")
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "bench_expert_parallel.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
+    atomic_write_json(os.path.join(ROOT, "benchmarks", "results", "bench_expert_parallel.json"), result, make_parent=True,
+                      indent=1)
 
 
 if __name__ == "__main__":

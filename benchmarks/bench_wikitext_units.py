@@ -10,7 +10,6 @@ DeepSeek-V3 tokenizer, one worker, `--seq-length 4096` (the guide's flags). Toke
 import argparse
 import contextlib
 import io
-import json
 import os
 import statistics
 import sys
@@ -48,6 +47,7 @@ def main():
     parser.add_argument("--input", default=DEFAULT_INPUT)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    from mindpretrain.utils.atomic_files import atomic_write_json
     load = os.getloadavg()
     runs = {"paragraph": [], "article": []}
     with tempfile.TemporaryDirectory() as folder:
@@ -64,9 +64,8 @@ def main():
         print(f"{unit:>9}: {values[0][1]:,} tokens, median {statistics.median(rates):,.0f} tokens/s "
               f"(runs {min(rates):,.0f}-{max(rates):,.0f}), median {statistics.median(s for s, _ in values):.2f} s")
     print(f"load average {load[0]:.2f} -> {result['load_end'][0]:.2f}")
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "bench_wikitext_units.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
+    atomic_write_json(os.path.join(ROOT, "benchmarks", "results", "bench_wikitext_units.json"), result, make_parent=True,
+                      indent=1)
 
 
 if __name__ == "__main__":

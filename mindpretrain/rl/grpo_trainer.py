@@ -200,7 +200,7 @@ class GRPOTrainer:
 
     def _columns(self, samples, timing):
         """The step's training columns [N, L] (this rank) and its advantages."""
-        input_ids, labels, mask, rollout_logp = training_rows(samples, self.length, self.pad_id)
+        input_ids, labels, mask, _ = training_rows(samples, self.length, self.pad_id)
         rewards = np.asarray([sample.reward for sample in samples], np.float32)
         advantages = grpo_advantages(rewards, self.rl.rollout.n, self.rl.actor.norm_adv_by_std_in_grpo,
                                      response_mask=mask).astype(np.float32)
@@ -214,7 +214,7 @@ class GRPOTrainer:
         timing["old_log_prob"] += time.time() - started
         columns = {"input_ids": input_ids, "labels": labels, "mask": mask, "old_logp": old_logp,
                    "ref_logp": ref_logp, "advantages": advantages}
-        return columns, rewards, rollout_logp
+        return columns, rewards
 
     def _mini_batch_weights(self, mask):
         tokens, sequences = self.reducer.sum([mask.sum(), float((mask.sum(-1) > 0).sum())])
@@ -273,14 +273,13 @@ class GRPOTrainer:
                 "actor/pg_clipfrac": means[3], "actor/grad_norm": means[4], "actor/lr": means[5],
                 "actor/updates": count}
 
-    def _step_metrics(self, samples, rewards, columns, counters, timing, step_time):
+    def _step_metrics(self, samples, rewards, counters, timing, step_time):
         prompt_tokens = sum(len(sample.prompt_ids) for sample in samples)
         response_lengths = [len(sample.response_ids) for sample in samples]
         truncated = sum(sample.truncated for sample in samples)
         local = [rewards.sum(), len(samples), sum(response_lengths), truncated, prompt_tokens,
-                 counters["filtered_groups"], counters["reward_errors"], rewards.max(), -rewards.min()]
-        total = self.reducer.sum(local[:7])
-        extremes = [self.reducer.sum([value])[0] for value in local[7:]] if self.dp.size == 1 else None
+                 counters["filtered_groups"], counters["reward_errors"]]
+        total = self.reducer.sum(local)
         count = max(total[1], 1.0)
         tokens = total[2] + total[4]
         metrics = {"step": self.step, "critic/score/mean": total[0] / count,
@@ -293,8 +292,8 @@ class GRPOTrainer:
                    "rollout/example": {"prompt": self.prompts.records[samples[0].prompt_index].text,
                                        "response": samples[0].text, "label": samples[0].label,
                                        "reward": samples[0].reward, "finish_reason": samples[0].finish_reason}}
-        if extremes is not None:
-            metrics["critic/score/max"], metrics["critic/score/min"] = extremes[0], -extremes[1]
+        if self.dp.size == 1:          # a sum is all the ranks reduce; extremes only when there is one rank
+            metrics["critic/score/max"], metrics["critic/score/min"] = float(rewards.max()), float(rewards.min())
         metrics.update({f"timing_s/{name}": value for name, value in timing.items()})
         metrics["timing_s/step"] = step_time
         return metrics
@@ -303,12 +302,12 @@ class GRPOTrainer:
         started = time.time()
         timing = {"gen": 0.0, "reward": 0.0, "ref": 0.0, "old_log_prob": 0.0, "update_actor": 0.0}
         samples, counters = self._collect(self.step, timing)
-        columns, rewards, _ = self._columns(samples, timing)
+        columns, rewards = self._columns(samples, timing)
         update_started = time.time()
         actor = self._train_on(columns, schedule)
         timing["update_actor"] = time.time() - update_started
         self.step += 1
-        metrics = self._step_metrics(samples, rewards, columns, counters, timing, time.time() - started)
+        metrics = self._step_metrics(samples, rewards, counters, timing, time.time() - started)
         metrics.update(actor)
         if self.settings.param_checksum:
             metrics["param_checksum"] = parameter_checksum(self.params, self.optimizer, self.expert_layout)

@@ -57,6 +57,7 @@ def frozen_copy(model, model_config):
 
 def run_grpo(run_config, tokenizer_option=None):
     """Set up, train, return the loop's summary."""
+    from mindpretrain.parallel.plan import SEMI_AUTO_PARALLEL
     from mindpretrain.rl.config import rl_config_from_run_config
     from mindpretrain.rl.grpo_trainer import GRPOTrainer
     from mindpretrain.rl.rewards import RewardRunner
@@ -65,7 +66,7 @@ def run_grpo(run_config, tokenizer_option=None):
     rl_config = rl_config_from_run_config(run_config, data_parallel_size(run_config))
     tokenizer, prompts = load_task(run_config, rl_config, tokenizer_option)
     context = setup_run(run_config)
-    require(context.pipeline is None and context.plan.mode != "semi_auto_parallel", "run_mode", "grpo",
+    require(context.pipeline is None and context.plan.mode != SEMI_AUTO_PARALLEL, "run_mode", "grpo",
             "runs data-parallel (stand-alone or msrun on CPU); semi-auto parallel layouts are not supported yet")
     load_checkpoint = run_config.get("load_checkpoint") or None
     resume = bool(run_config.get("resume_training"))
