@@ -189,6 +189,8 @@ def assign_pipeline_stages(model, placement):
     """
     cells = dict(model.cells_and_names())
     stages = pipeline_stage_of_cells(model, placement)
+    if hasattr(model, "merge_embedding_lookups"):      # the MTP blocks then look up on their own stage
+        model.merge_embedding_lookups = False
     for path, stage in stages.items():
         cells[path].pipeline_stage = stage
     return stages

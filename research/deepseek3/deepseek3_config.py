@@ -72,7 +72,7 @@ AUX_LOSS_TYPES = ("expert", "device", "comm")
 BALANCE_LOSS_KINDS = ("sequence", "mindformers_expert")
 
 # How routed tokens reach their experts (research/deepseek3/moe.py explains both).
-MOE_DISPATCHES = ("block_sparse", "grouped_matmul", "capacity")
+MOE_DISPATCHES = ("block_sparse", "grouped_matmul", "capacity", "dense")
 # Values of HF config.json keys this implementation relies on; anything else is a different model.
 _REQUIRED_HF_VALUES = {"scoring_func": ("sigmoid",), "topk_method": ("noaux_tc",), "moe_layer_freq": (1,)}
 

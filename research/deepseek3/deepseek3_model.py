@@ -117,9 +117,10 @@ class DeepseekV3Model(nn.Cell):
         cos, sin = self.rotary(seq_length, position_ids)
         return cos, sin, self.layers[0].self_attn.core.attention_layout(seq_length, actual_seq_len), documents
 
-    def decode(self, input_ids, cos, sin, mask, real_tokens=None):
-        """Embedding, the main blocks, the final norm -> (normed hidden [B,S,H], expert loads tuple, balance sum)."""
-        hidden = self.embed_tokens(input_ids)
+    def decode(self, input_ids, cos, sin, mask, real_tokens=None, embedded=None):
+        """Embedding, the main blocks, the final norm -> (normed hidden [B,S,H], expert loads tuple, balance sum).
+        `embedded`: input_ids already embedded (the caller looked them up together with the MTP blocks' ids)."""
+        hidden = self.embed_tokens(input_ids) if embedded is None else embedded
         loads = ()
         balance = Tensor(0.0, ms.float32)
         for index in range(self.num_layers):
@@ -185,6 +186,9 @@ class DeepseekV3ForCausalLM(nn.Cell):
         self.vocab_size = model_config.vocab_size
         self.n_routed_experts = model_config.n_routed_experts
         self.loss_reduction = "mean"
+        # one embedding lookup for the main model and every MTP block (one [vocab, H] gradient instead of 1 + D
+        # summed); off under pipeline parallelism, where the MTP blocks look up on the last stage
+        self.merge_embedding_lookups = True
         self._apply_recompute(model_config.recompute)
         _name_by_first_path(self)
         self._check_names_and_shapes()
@@ -245,14 +249,15 @@ class DeepseekV3ForCausalLM(nn.Cell):
         check_packing_inputs(position_ids, actual_seq_len)
         cos, sin, mask, documents = self.model.positional(input_ids.shape[1], position_ids, actual_seq_len)
         real_tokens = real_token_weights(actual_seq_len, input_ids.shape[1])
-        hidden, loads, balance = self.model.decode(input_ids, cos, sin, mask, real_tokens)
         if labels is None:
-            return self.head(hidden)
+            return self.head(self.model.decode(input_ids, cos, sin, mask, real_tokens)[0])
+        embedded = self._merged_embeddings(input_ids)
+        hidden, loads, balance = self.model.decode(input_ids, cos, sin, mask, real_tokens,
+                                                   embedded[0] if embedded else None)
         if loss_mask is None:
             loss_mask = ops.ones(labels.shape, ms.float32)
-        lm_loss = self.lm_head.masked_cross_entropy(hidden, labels, loss_mask, self.loss_reduction)
+        segments = ((hidden, labels, loss_mask),)        # main, then each MTP depth: one head pass for all
 
-        mtp_total = Tensor(0.0, ms.float32)
         previous = hidden
         for depth in range(self.mtp_depth):
             layer = self.model.layers[self.num_layers + depth]
@@ -260,14 +265,19 @@ class DeepseekV3ForCausalLM(nn.Cell):
             # rows, a document's last depth+1 positions, which read the next document) only feeds positions
             # whose targets are masked, and the causal/document mask keeps them from earlier positions
             previous, normed, load, layer_balance = layer(shift_left(input_ids, depth + 1), previous, cos, sin,
-                                                          mask, real_tokens)
+                                                          mask, real_tokens,
+                                                          embedded[depth + 1] if embedded else None)
             loads = loads + (load,)
             balance = balance + ops.cast(layer_balance, ms.float32)
             mtp_mask = shift_left(loss_mask, depth + 1)
             if documents is not None:
                 mtp_mask = mtp_mask * same_document_ahead(documents, depth + 1)
-            mtp_total = mtp_total + self.lm_head.masked_cross_entropy(
-                normed, shift_left(labels, depth + 1), mtp_mask, self.loss_reduction)
+            segments = segments + ((normed, shift_left(labels, depth + 1), mtp_mask),)
+        losses = self.lm_head.masked_cross_entropies(segments, self.loss_reduction)
+        lm_loss = losses[0]
+        mtp_total = Tensor(0.0, ms.float32)
+        for depth_loss in losses[1:]:
+            mtp_total = mtp_total + depth_loss
         mtp_loss = mtp_total / self.mtp_depth if self.mtp_depth > 0 else mtp_total
         loss = lm_loss + self.mtp_loss_factor * mtp_loss + balance
         if loads:
@@ -275,6 +285,16 @@ class DeepseekV3ForCausalLM(nn.Cell):
         else:
             expert_load = ops.zeros((0, self.n_routed_experts), ms.float32)
         return loss, lm_loss, mtp_loss, balance, expert_load
+
+    def _merged_embeddings(self, input_ids):
+        """(main, depth 1, ..., depth D) embedded [B, S, H] from one lookup of the stacked ids, or () when the
+        lookups stay apart (no MTP, or `merge_embedding_lookups` off)."""
+        if self.mtp_depth == 0 or not self.merge_embedding_lookups:
+            return ()
+        ids = (input_ids,) + tuple(shift_left(input_ids, depth + 1) for depth in range(self.mtp_depth))
+        embedded = self.model.embed_tokens(ops.concat(ids, 0))
+        batch = input_ids.shape[0]
+        return tuple(embedded[index * batch:(index + 1) * batch] for index in range(self.mtp_depth + 1))
 
     # ----- aux-loss-free balancing ------------------------------------------------------------------------
     def moe_layer_biases(self):

@@ -51,19 +51,25 @@ class HeadCrossEntropy(nn.Cell):
         self.shard_ops = {"logits_matmul": "lm_head", "log_softmax": "loss.log_softmax", "pick": "loss.nll_gather"}
 
     def construct(self, tokens, weight, labels, weights):
+        return -(self.label_log_probs(tokens, weight, labels) * weights).sum()
+
+    def label_log_probs(self, tokens, weight, labels):
+        """float32 [T]: log softmax(tokens_t @ W^T)[labels_t] (labels clamped into the vocabulary), chunk by
+        chunk; the caller weights and sums them (several losses can share one pass, hence one weight gradient)."""
         count = tokens.shape[0]
         weight_elements = self.vocab_size * tokens.shape[1] if self.floor_at_weight_gradient else 0
         chunk = loss_chunk_size(count, self.vocab_size, self.chunk_elements, weight_elements=weight_elements)
         safe = ops.clamp(labels, 0, self.vocab_size - 1).reshape(-1, 1)
-        total = Tensor(0.0, ms.float32)
+        picked = ()
+        previous = Tensor(0.0, ms.float32)
         for start in range(0, count, chunk):
-            rows = ops.depend(tokens[start:start + chunk], total)   # run the chunks in order, one at a time
+            rows = ops.depend(tokens[start:start + chunk], previous)   # run the chunks in order, one at a time
             logits = self.logits_matmul(rows, weight)
             if logits.dtype != ms.float32:
                 logits = ops.cast(logits, ms.float32)
-            picked = self.pick(self.log_softmax(logits), 1, safe[start:start + chunk]).reshape(-1)
-            total = total - (picked * weights[start:start + chunk]).sum()
-        return total
+            previous = self.pick(self.log_softmax(logits), 1, safe[start:start + chunk]).reshape(-1)
+            picked = picked + (previous,)
+        return picked[0] if len(picked) == 1 else ops.concat(picked)
 
 
 class OutputHead(nn.Cell):
@@ -83,6 +89,10 @@ class OutputHead(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         self.shard_ops = {"matmul": "lm_head"}
         self.cross_entropy = HeadCrossEntropy(model_config.vocab_size)
+        # several losses (main + MTP) share one pass when the [vocab, H] weight gradient each pass leaves is at
+        # least a whole chunk of logits (the 1B head: 265 M vs 16 M elements); a narrow head keeps its passes
+        # apart, where the merged pass's larger chunk would cost more (tests/planning/test_plan_memory.py probe)
+        self.merge_passes = model_config.vocab_size * model_config.hidden_size >= CHUNK_ELEMENTS
 
     def _weight_and_tokens(self, hidden):
         weight = self.weight
@@ -104,11 +114,31 @@ class OutputHead(nn.Cell):
     def masked_cross_entropy(self, hidden, labels, loss_mask, reduction="mean"):
         """Sum(mask * CE) / Sum(mask) in float32 over hidden [B, S, H], labels int [B, S], loss_mask [B, S];
         reduction "sum": Sum(mask * CE) alone (per-token loss: the caller's mask carries the normalisation)."""
-        weight, tokens = self._weight_and_tokens(hidden)
-        weights = ops.cast(loss_mask, ms.float32).reshape(-1)
-        total = self.cross_entropy(tokens, weight, labels.reshape(-1), weights)
-        if reduction == "sum":
-            return total
-        denominator = weights.sum()
-        denominator = ops.select(denominator > 0, denominator, ops.ones_like(denominator))
-        return total / denominator
+        return self.masked_cross_entropies(((hidden, labels, loss_mask),), reduction)[0]
+
+    def masked_cross_entropies(self, segments, reduction="mean"):
+        """`masked_cross_entropy` of each (hidden, labels, loss_mask) in `segments` (the main model's and each
+        MTP depth's); with `merge_passes`, through ONE head pass over all their tokens. Why: every pass leaves
+        its own [vocab, H] weight gradient until they are summed (1 GiB of fp32 each for the 1B head)."""
+        weight = self._weight_and_tokens(segments[0][0])[0]
+        tokens = tuple(self._weight_and_tokens(hidden)[1] for hidden, _, _ in segments)
+        labels = tuple(segment_labels.reshape(-1) for _, segment_labels, _ in segments)
+        weights = tuple(ops.cast(mask, ms.float32).reshape(-1) for _, _, mask in segments)
+        if len(segments) == 1:
+            log_probs = self.cross_entropy.label_log_probs(tokens[0], weight, labels[0])
+        elif self.merge_passes:
+            log_probs = self.cross_entropy.label_log_probs(ops.concat(tokens), weight, ops.concat(labels))
+        else:
+            log_probs = ops.concat(tuple(self.cross_entropy.label_log_probs(segment_tokens, weight, segment_labels)
+                                         for segment_tokens, segment_labels in zip(tokens, labels)))
+        losses = ()
+        start = 0
+        for segment_weights in weights:
+            count = segment_weights.shape[0]
+            total = -(log_probs[start:start + count] * segment_weights).sum()
+            start += count
+            if reduction != "sum":
+                denominator = segment_weights.sum()
+                total = total / ops.select(denominator > 0, denominator, ops.ones_like(denominator))
+            losses = losses + (total,)
+        return losses

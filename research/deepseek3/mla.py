@@ -26,7 +26,7 @@ from mindspore import nn, ops
 
 from mindpretrain.utils.logging import get_logger
 from research.deepseek3.flash_attention import FlashAttentionCore
-from research.deepseek3.layers import Linear, RMSNorm, ms_dtype
+from research.deepseek3.layers import Linear, RMSNorm, broadcasts_explicitly, expand_to, ms_dtype
 from research.deepseek3.rope import apply_rotary, softmax_scale
 
 logger = get_logger("deepseek3.attention")
@@ -83,6 +83,7 @@ class AttentionCore(nn.Cell):
         self.mask_add = ops.Add()
         self.softmax = ops.Softmax(-1)
         self.context_matmul = ops.BatchMatMul()
+        self.explicit_broadcast = broadcasts_explicitly()
         self.shard_ops = {"scale_mul": "attention.scale_mul", "scores_matmul": "attention.qk_bmm",
                           "mask_add": "attention.mask_add", "softmax": "attention.softmax",
                           "context_matmul": "attention.pv_bmm"}
@@ -94,7 +95,7 @@ class AttentionCore(nn.Cell):
         scores = self.scores_matmul(self.scale_mul(query, self.scale), key)
         if self.softmax_dtype != self.compute_dtype:
             scores = ops.cast(scores, self.softmax_dtype)
-        probs = self.softmax(self.mask_add(scores, mask))
+        probs = self.softmax(self.mask_add(scores, expand_to(mask, scores.shape, self.explicit_broadcast)))
         if self.softmax_dtype != self.compute_dtype:
             probs = ops.cast(probs, self.compute_dtype)
         return probs
@@ -130,6 +131,7 @@ class RecomputingAttentionCore(AttentionCore):
         probs = self.probabilities(query, key, mask)
         grad_value = _BMM_TN(probs, dout)
         row_dot = (dout * out).sum(-1, keepdims=True)                       # [B, N, S, 1] = sum_j P_ij dP_ij
+        row_dot = expand_to(row_dot, query.shape, self.explicit_broadcast)  # [B, N, S, D] (q and k: same D)
         # dS = P*dP - P*rowdot is never formed: its two products are taken apart, the rowdot term through the
         # small [B, N, S, D] side (P k, P^T (rowdot q)), so the backward makes two S x S tensors instead of three.
         weighted = probs * _BMM_NT(dout, value)                            # P * dP
@@ -190,6 +192,7 @@ class MultiHeadLatentAttention(nn.Cell):
         self.k_concat = ops.Concat(-1)
         self.shard_ops = {"q_concat": "attention.qk_concat", "k_concat": "attention.qk_concat"}
         self.core = attention_core(model_config)
+        self.explicit_broadcast = broadcasts_explicitly()
 
     def construct(self, x, cos, sin, mask):
         batch, seq, _ = x.shape
@@ -199,12 +202,12 @@ class MultiHeadLatentAttention(nn.Cell):
             query = self.q_proj(x)
         query = query.reshape(batch, seq, self.num_heads, self.nope_dim + self.rope_dim).transpose(0, 2, 1, 3)
         q_nope = query[..., :self.nope_dim]
-        q_rope = apply_rotary(query[..., self.nope_dim:], cos, sin, self.interleave)
+        q_rope = apply_rotary(query[..., self.nope_dim:], cos, sin, self.interleave, self.explicit_broadcast)
 
         compressed = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(compressed[..., :self.kv_lora_rank])
         k_rope = compressed[..., self.kv_lora_rank:].reshape(batch, 1, seq, self.rope_dim)
-        k_rope = apply_rotary(k_rope, cos, sin, self.interleave)
+        k_rope = apply_rotary(k_rope, cos, sin, self.interleave, self.explicit_broadcast)
         kv = self.kv_b_proj(latent).reshape(batch, seq, self.num_heads, self.nope_dim + self.v_dim)
         kv = kv.transpose(0, 2, 1, 3)
         k_nope = kv[..., :self.nope_dim]

@@ -1,11 +1,12 @@
-"""DeepSeekMoE block: sigmoid router with aux-loss-free bias, group-limited top-k, two dropless dispatches.
+"""DeepSeekMoE block: sigmoid router with aux-loss-free bias, group-limited top-k, dropless dispatches.
 
 Routing follows the DeepSeek-V3 report (arXiv 2412.19437, section 2.1.2) and HF `DeepseekV3MoE`; the output is the
 router-weighted sum of the k routed SwiGLU experts plus the always-on shared experts. GRAPH mode wants static
-shapes while a dropless MoE cannot know how many tokens each expert gets, so both dispatches lay the token-expert
+shapes while a dropless MoE cannot know how many tokens each expert gets, so two dispatches lay the token-expert
 assignments out grouped by expert in a buffer whose size is bounded statically: ``block_sparse`` (fixed-size
 blocks, batched matmuls; every backend) and ``grouped_matmul`` (Ascend's GroupedMatmul kernel; never run on
-Ascend). The design, its costs, the measurements and what is tested are in research/deepseek3/README.md.
+Ascend); ``dense`` (dense_dispatch.py) runs every expert on every token where the block dispatch's weight copies
+would cost more. The design, its costs, the measurements and what is tested are in research/deepseek3/README.md.
 """
 import numpy as np
 
@@ -16,7 +17,8 @@ from mindspore.ops.auto_generate import GroupedMatmul, SiLU
 from mindpretrain.validation import require
 from research.deepseek3.capacity_dispatch import DEFAULT_CAPACITY_FACTOR, CapacityExperts
 from research.deepseek3.deepseek3_config import BALANCE_LOSS_KINDS, MOE_DISPATCHES
-from research.deepseek3.layers import SwiGLU, ms_dtype, normal_weight
+from research.deepseek3.dense_dispatch import DenseExperts, dense_is_leaner
+from research.deepseek3.layers import SwiGLU, broadcasts_explicitly, expand_to, ms_dtype, normal_weight
 
 
 class ProjectionWeight(nn.Cell):
@@ -174,10 +176,27 @@ def dispatch_footprint(tokens, top_k, num_experts, hidden_size, intermediate_siz
 _ASCEND_GROUPED_MATMUL = GroupedMatmul(split_item=3, group_type=0)
 
 
-def default_moe_dispatch(device_target=None):
-    """``grouped_matmul`` on Ascend (its kernel exists there only), ``block_sparse`` elsewhere (CPU, tests)."""
+def default_moe_dispatch(device_target=None, model_config=None):
+    """``grouped_matmul`` on Ascend (its kernel exists there only); elsewhere ``block_sparse``, or ``dense`` when
+    the block dispatch's weight copies for one sequence of `model_config` would outgrow the dense dispatch's
+    activations (`dense_dispatch.dense_is_leaner`: few tokens per expert weight, e.g. the 1B recipe on CPU)."""
     device = str(device_target or ms.get_context("device_target")).upper()
-    return "grouped_matmul" if device == "ASCEND" else "block_sparse"
+    return "grouped_matmul" if device == "ASCEND" else reference_moe_dispatch(model_config)
+
+
+def reference_moe_dispatch(model_config=None):
+    """The non-Ascend default for `model_config` (None: ``block_sparse``), decided for one sequence of
+    seq_length tokens; the planner asks the same question."""
+    tokens = getattr(model_config, "seq_length", None)
+    if tokens and model_config.n_routed_experts:
+        top_k = model_config.num_experts_per_tok
+        experts = model_config.n_routed_experts
+        hidden, inner = model_config.hidden_size, model_config.moe_intermediate_size
+        copies = dispatch_footprint(tokens, top_k, experts, hidden, inner,
+                                    getattr(model_config, "moe_dispatch_block_size", None))["weight_copy_elements"]
+        if dense_is_leaner(tokens, top_k, experts, hidden, inner, copies):
+            return "dense"
+    return "block_sparse"
 
 
 def ascend_grouped_matmul(x, weight, group_list):
@@ -333,7 +352,10 @@ class DeepseekV3MoE(nn.Cell):
         self.hidden_size = model_config.hidden_size
         self.compute_dtype = ms_dtype(model_config.compute_dtype)
         self.block_size = block_size or getattr(model_config, "moe_dispatch_block_size", None)
-        self.dispatch = dispatch or getattr(model_config, "moe_dispatch", None) or default_moe_dispatch()
+        self.expert_layout = getattr(model_config, "expert_layout", None)
+        partitioned = self.expert_layout is not None and self.expert_layout.partitioned
+        self.dispatch = (dispatch or getattr(model_config, "moe_dispatch", None)
+                         or default_moe_dispatch(model_config=None if partitioned else model_config))
         require(self.dispatch in MOE_DISPATCHES, "moe_dispatch", self.dispatch, f"must be one of {MOE_DISPATCHES}")
         if self.dispatch == "grouped_matmul" and grouped_matmul is None:
             device = ms.get_context("device_target")
@@ -350,8 +372,6 @@ class DeepseekV3MoE(nn.Cell):
         # MindFormers takes f from an unbiased top-k whenever the bias balancing is on (balance_via_topk_bias)
         self.balance_unbiased_topk = float(getattr(model_config, "topk_bias_update_rate", 0.0) or 0.0) > 0
         self.gate = TopkRouter(model_config)
-        self.expert_layout = getattr(model_config, "expert_layout", None)
-        partitioned = self.expert_layout is not None and self.expert_layout.partitioned
         local = self.expert_layout.local_experts if partitioned else range(self.num_experts)
         self.stacked_experts = self.dispatch == "capacity" and not partitioned
         if self.stacked_experts:        # one [E, out, in] Parameter per projection, split by ep under semi-auto
@@ -370,6 +390,8 @@ class DeepseekV3MoE(nn.Cell):
                                                      self.compute_dtype)
         if self.dispatch == "grouped_matmul":
             self.routed_compute = GroupedMatmulExperts(self.top_k, grouped_matmul, self.compute_dtype)
+        elif self.dispatch == "dense":              # research/deepseek3/dense_dispatch.py (no weight copies)
+            self.routed_compute = DenseExperts(self.num_experts, self.top_k, self.compute_dtype)
         elif self.dispatch == "capacity":           # research/deepseek3/capacity_dispatch.py (drops past C)
             self.routed_compute = CapacityExperts(
                 self.num_experts, self.top_k, getattr(model_config, "moe_capacity_factor", DEFAULT_CAPACITY_FACTOR),
@@ -383,7 +405,18 @@ class DeepseekV3MoE(nn.Cell):
                                          model_config.moe_intermediate_size * model_config.n_shared_experts,
                                          model_config, "moe.shared_")
         self.combine_mul = ops.Mul()
+        self.explicit_broadcast = broadcasts_explicitly()
         self.shard_ops = {"combine_mul": "moe.combine_mul"}
+
+    def _per_expert(self, which):
+        """One projection's weight of every expert, each in the compute dtype (the dense dispatch reads them so)."""
+        weights = ()
+        for expert in self.experts:
+            weight = getattr(expert, which).weight
+            if weight.dtype != self.compute_dtype:
+                weight = ops.cast(weight, self.compute_dtype)
+            weights = weights + (weight,)
+        return weights
 
     def _stacked(self, which):
         """[E, out, in] view of one projection across experts (ops.stack passes gradients to each Parameter)."""
@@ -418,6 +451,9 @@ class DeepseekV3MoE(nn.Cell):
         if self.dispatch == "capacity":            # combines itself: dropped assignments are its to know
             gate_weights, up_weights, down_weights = self.experts.weights(self.compute_dtype)
             out = self.routed_compute(x, topk_idx, topk_weight, gate_weights, up_weights, down_weights)
+        elif self.dispatch == "dense":
+            out = self.routed_compute(x, selected, topk_weight, self._per_expert("gate_proj"),
+                                      self._per_expert("up_proj"), self._per_expert("down_proj"))
         elif self.expert_dispatcher is None:
             out = self._dispatch_compute_combine(x, selected, counts, topk_weight)
         else:
@@ -459,7 +495,7 @@ class DeepseekV3MoE(nn.Cell):
         tokens = topk_weight.shape[0]
         y_assign = ops.gather(y_rows, row_of, 0).reshape(tokens, self.top_k, y_rows.shape[1])
         weight = ops.cast(topk_weight, self.compute_dtype).reshape(tokens, self.top_k, 1)
-        return self.combine_mul(y_assign, weight).sum(1)
+        return self.combine_mul(y_assign, expand_to(weight, y_assign.shape, self.explicit_broadcast)).sum(1)
 
     def _sequence_balance_loss(self, scores, selected):
         """alpha * mean_b sum_i f_i P_i with f_i = E/(K T) * #tokens choosing i, P_i = mean_t s_i / sum_j s_j;

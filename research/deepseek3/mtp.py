@@ -68,10 +68,11 @@ class MTPLayer(DecoderLayer):
         self.merge_concat = ops.Concat(-1)
         self.shard_ops = dict(self.shard_ops, merge_concat="mtp.concat")
 
-    def construct(self, input_ids, previous_hidden, cos, sin, mask, real_tokens=None):
-        """input_ids: the tokens this block reads (already shifted) ->
+    def construct(self, input_ids, previous_hidden, cos, sin, mask, real_tokens=None, embedded=None):
+        """input_ids: the tokens this block reads (already shifted; `embedded`: already looked up) ->
         (h^k before the norm, shared_head.norm(h^k), expert load, balance loss)."""
-        embedded = self.embed_tokens(input_ids)
+        if embedded is None:
+            embedded = self.embed_tokens(input_ids)
         merged = self.eh_proj(self.merge_concat((self.enorm(embedded), self.hnorm(previous_hidden))))
         hidden, load, balance = self.block(merged, cos, sin, mask, real_tokens)
         return hidden, self.shared_head(hidden), load, balance

@@ -100,8 +100,15 @@ def _moe_terms(model_config, parallel_config, fused_kernels, tokens):
     emp, sp = parallel_config.expert_tensor_parallel, parallel_config.sequence_parallel
     h, width = model_config.hidden_size, model_config.moe_intermediate_size
     terms = [("router scores and balance-loss normalisation", 4 * experts / sp, "fp32")]
-    if getattr(model_config, "moe_dispatch", None) == "capacity" and tokens:
+    dispatch = getattr(model_config, "moe_dispatch", None)
+    if dispatch is None and not fused_kernels and parallel_config.expert_parallel == 1:
+        from research.deepseek3.moe import reference_moe_dispatch   # moe.py imports MindSpore
+        dispatch = reference_moe_dispatch(model_config)
+    if dispatch == "capacity" and tokens:
         terms += capacity_dispatch_terms(model_config, parallel_config, tokens)
+    elif dispatch == "dense":       # every expert on every token (dense_dispatch.py), no weight copies
+        terms += [("dispatched tokens and routed outputs", (k + experts) * h / sp, "compute"),
+                  ("routed experts gate/up/silu/product", experts * 4 * width / emp / sp, "compute")]
     else:
         padding, weight_copies = 1.0, 0.0
         if not fused_kernels and tokens:

@@ -21,6 +21,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from research.deepseek3.layers import expand_to
+
 
 def yarn_mscale(scale, mscale=1.0):
     if scale <= 1:
@@ -92,15 +94,16 @@ class RotaryEmbedding(nn.Cell):
         return ops.expand_dims(ops.gather(self.cos, ids, 0), 1), ops.expand_dims(ops.gather(self.sin, ids, 0), 1)
 
 
-def apply_rotary(x, cos, sin, interleave):
+def apply_rotary(x, cos, sin, interleave, explicit_broadcast=False):
     """x [..., S, R] with cos/sin [S, R/2] (or [B, 1, S, R/2] for x [B, N, S, R]) -> rotated x [..., S, R]
-    (first members, then second members)."""
+    (first members, then second members). `explicit_broadcast` expands cos/sin to x's halves first (the CPU
+    backend's implicitly broadcasting Mul holds extra full-size buffers: layers.broadcasts_explicitly)."""
     half = x.shape[-1] // 2
     if interleave:
         pairs = x.reshape(x.shape[:-1] + (half, 2))
         first, second = pairs[..., 0], pairs[..., 1]
     else:
         first, second = x[..., :half], x[..., half:]
-    cos = ops.cast(cos, x.dtype)
-    sin = ops.cast(sin, x.dtype)
+    cos = expand_to(ops.cast(cos, x.dtype), first.shape, explicit_broadcast)
+    sin = expand_to(ops.cast(sin, x.dtype), first.shape, explicit_broadcast)
     return ops.concat((first * cos - second * sin, second * cos + first * sin), -1)

@@ -346,6 +346,92 @@ def test_fused_chunked_head_loss_matches_autodiff_of_the_plain_loss(tiny_model):
             np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=param.name)
 
 
+def test_one_head_pass_for_several_losses_equals_separate_passes(tiny_model):
+    """masked_cross_entropies (main + MTP in one pass, one [vocab, H] weight gradient) = one pass per loss."""
+    head = tiny_model.lm_head
+    model_config = tiny_model.model_config
+    rng = np.random.RandomState(9)
+    shape = (2, model_config.seq_length)
+    hidden = [Tensor(rng.randn(*shape, model_config.hidden_size).astype(np.float32)) for _ in range(2)]
+    labels = [Tensor(rng.randint(0, model_config.vocab_size, shape).astype(np.int32)) for _ in range(2)]
+    masks = [Tensor((rng.rand(*shape) > 0.3).astype(np.float32)) for _ in range(2)]
+    weight = [head.weight]
+    assert not head.merge_passes                                  # 96 x 32: too narrow to be worth one pass
+    head.merge_passes = True
+    try:
+        for reduction in ("mean", "sum"):
+            def together(h0, h1):
+                segments = ((h0, labels[0], masks[0]), (h1, labels[1], masks[1]))
+                losses = head.masked_cross_entropies(segments, reduction)
+                return losses[0] + 0.3 * losses[1], losses
+
+            def apart(h0, h1):
+                losses = (head.masked_cross_entropy(h0, labels[0], masks[0], reduction),
+                          head.masked_cross_entropy(h1, labels[1], masks[1], reduction))
+                return losses[0] + 0.3 * losses[1], losses
+
+            (_, merged), merged_grads = ms.value_and_grad(together, (0, 1), weight, has_aux=True)(*hidden)
+            (_, separate), separate_grads = ms.value_and_grad(apart, (0, 1), weight, has_aux=True)(*hidden)
+            for ours, expected in zip(merged, separate):
+                assert float(ours.asnumpy()) == pytest.approx(float(expected.asnumpy()), rel=1e-6)
+            for ours, expected in zip(merged_grads[0] + merged_grads[1], separate_grads[0] + separate_grads[1]):
+                np.testing.assert_allclose(ours.asnumpy(), expected.asnumpy(), rtol=1e-5, atol=1e-7)
+    finally:
+        head.merge_passes = False
+
+
+def test_one_embedding_lookup_for_main_and_mtp_equals_separate_lookups(tiny_model):
+    """The stacked lookup (one embedding gradient instead of 1 + D summed) trains exactly like separate ones,
+    which pipeline runs keep (`merge_embedding_lookups` off)."""
+    ids, labels, mask = tiny_batch(tiny_model.model_config, seed=8)
+    weights = tiny_model.trainable_params()
+
+    def outputs():
+        (loss, lm_loss, mtp_loss, _, _), grads = ms.value_and_grad(
+            lambda *batch: tiny_model(*batch), None, weights, has_aux=True)(ids, labels, mask)
+        return [float(value.asnumpy()) for value in (loss, lm_loss, mtp_loss)], [grad.asnumpy() for grad in grads]
+
+    assert tiny_model.merge_embedding_lookups
+    merged, merged_grads = outputs()
+    tiny_model.merge_embedding_lookups = False
+    try:
+        separate, separate_grads = outputs()
+    finally:
+        tiny_model.merge_embedding_lookups = True
+    assert merged == pytest.approx(separate, rel=1e-6) and merged[2] > 0
+    for param, ours, expected in zip(weights, merged_grads, separate_grads):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7, err_msg=param.name)
+
+
+def test_explicit_broadcasts_compute_the_same_losses_and_gradients(tiny_model):
+    """Cells built in GRAPH mode on CPU expand their broadcast operands first (layers.broadcasts_explicitly):
+    norms, RoPE, the attention mask and its backward, the MoE combine. Same numbers either way."""
+    from research.deepseek3.layers import broadcasts_explicitly
+
+    assert broadcasts_explicitly("CPU", ms.GRAPH_MODE) and not broadcasts_explicitly("CPU", ms.PYNATIVE_MODE)
+    assert not broadcasts_explicitly("Ascend", ms.GRAPH_MODE)
+    cells = [cell for _, cell in tiny_model.cells_and_names() if hasattr(cell, "explicit_broadcast")]
+    kinds = {type(cell).__name__ for cell in cells}
+    assert {"RMSNorm", "MultiHeadLatentAttention", "RecomputingAttentionCore", "DeepseekV3MoE"} <= kinds
+    ids, labels, mask = tiny_batch(tiny_model.model_config, seed=10)
+    weights = tiny_model.trainable_params()
+
+    def outputs(explicit):
+        for cell in cells:
+            cell.explicit_broadcast = explicit
+        (loss, lm_loss, mtp_loss, _, _), grads = ms.value_and_grad(
+            lambda *batch: tiny_model(*batch), None, weights, has_aux=True)(ids, labels, mask)
+        return [float(value.asnumpy()) for value in (loss, lm_loss, mtp_loss)], [grad.asnumpy() for grad in grads]
+
+    try:
+        expanded, expanded_grads = outputs(True)
+    finally:
+        implicit, implicit_grads = outputs(False)
+    assert expanded == pytest.approx(implicit, rel=1e-6)
+    for param, ours, expected in zip(weights, expanded_grads, implicit_grads):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7, err_msg=param.name)
+
+
 def test_update_expert_bias(tiny_model):
     model_config = tiny_model.model_config
     biases = tiny_model.moe_layer_biases()

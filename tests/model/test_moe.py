@@ -283,18 +283,22 @@ class _MoEGrad(nn.Cell):
         return (out * out).sum() + balance
 
 
+def eager_and_graph(moe, x):
+    """(out, grads) in PyNative, then the same in GRAPH mode, as NumPy."""
+    results = []
+    for mode in (ms.PYNATIVE_MODE, ms.GRAPH_MODE):
+        ms.set_context(mode=mode)
+        try:
+            results.append((moe(x)[0].asnumpy(), [g.asnumpy() for g in _MoEGrad(moe)(x)]))
+        finally:
+            ms.set_context(mode=ms.PYNATIVE_MODE)
+    return results
+
+
 def test_graph_mode_forward_and_backward_equal_pynative():
     cfg = make_cfg(seq_balance_loss_alpha=0.01)
     moe = DeepseekV3MoE(cfg, block_size=4)
-    x = Tensor(random_hidden(8))
-    eager_out = moe(x)[0].asnumpy()
-    eager_grads = [g.asnumpy() for g in _MoEGrad(moe)(x)]
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        graph_out = moe(x)[0].asnumpy()
-        graph_grads = [g.asnumpy() for g in _MoEGrad(moe)(x)]
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
+    (eager_out, eager_grads), (graph_out, graph_grads) = eager_and_graph(moe, Tensor(random_hidden(8)))
     np.testing.assert_allclose(graph_out, eager_out, atol=1e-5)
     for graph_grad, eager_grad in zip(graph_grads, eager_grads):
         np.testing.assert_allclose(graph_grad, eager_grad, **GRAD_TOLERANCE)
@@ -479,7 +483,7 @@ def test_dispatch_is_chosen_by_config_and_device():
     with pytest.raises(ConfigError, match="moe_dispatch"):                   # the kernel does not exist on CPU
         DeepseekV3MoE(make_cfg(moe_dispatch="grouped_matmul"))
     with pytest.raises(ConfigError, match="moe_dispatch"):
-        DeepseekV3MoE(make_cfg(moe_dispatch="dense"))
+        DeepseekV3MoE(make_cfg(moe_dispatch="sparse"))
     injected = DeepseekV3MoE(make_cfg(moe_dispatch="grouped_matmul"), grouped_matmul=loop_grouped_matmul)
     assert injected.dispatch == "grouped_matmul" and injected.grouped_matmul is loop_grouped_matmul
     kernel = moe_module._ASCEND_GROUPED_MATMUL                               # single-tensor x/w/y, M-axis groups
@@ -504,5 +508,5 @@ def test_dispatch_is_validated_with_the_config():
 
     assert DeepseekV3Config(moe_dispatch="block_sparse").moe_dispatch == "block_sparse"
     assert "moe_dispatch" not in DeepseekV3Config().to_hf_dict()
-    with pytest.raises(ConfigError, match=r"moe_dispatch \('dense'\) must be one of 'block_sparse', 'grouped_matmul'"):
-        DeepseekV3Config(moe_dispatch="dense")
+    with pytest.raises(ConfigError, match=r"moe_dispatch \('sparse'\) must be one of 'block_sparse', 'grouped_matmul'"):
+        DeepseekV3Config(moe_dispatch="sparse")

@@ -230,15 +230,16 @@ def test_padding_changes_neither_expert_load_nor_balance_loss(model, documents, 
 
 
 class _MaskSpy:
-    """Wraps the head's masked_cross_entropy to record the weights each call gets (PyNative only)."""
+    """Wraps the head's masked_cross_entropies (one call: main, then each MTP depth) to record the weights of
+    each of its losses (PyNative only)."""
 
     def __init__(self, head):
-        self.original = head.masked_cross_entropy
+        self.original = head.masked_cross_entropies
         self.masks = []
 
-    def __call__(self, hidden, labels, loss_mask, reduction="mean"):
-        self.masks.append(loss_mask.asnumpy())
-        return self.original(hidden, labels, loss_mask, reduction)
+    def __call__(self, segments, reduction="mean"):
+        self.masks.extend(loss_mask.asnumpy() for _, _, loss_mask in segments)
+        return self.original(segments, reduction)
 
 
 def test_mtp_targets_across_a_document_boundary_are_excluded():
@@ -247,13 +248,13 @@ def test_mtp_targets_across_a_document_boundary_are_excluded():
     documents = random_documents(TINY["vocab_size"], seed=4)
     packed = batch_of([contract_row(documents[:2], SEQ), contract_row(documents[2:], SEQ)])
     spy = _MaskSpy(deep.lm_head)
-    deep.lm_head.masked_cross_entropy = spy
+    deep.lm_head.masked_cross_entropies = spy
     try:
         deep.set_loss_reduction("sum")
         mtp_packed = float(deep(*packed)[2].asnumpy())
         mtp_alone = sum(float(deep(*alone(document))[2].asnumpy()) for document in documents)
     finally:
-        del deep.lm_head.masked_cross_entropy
+        del deep.lm_head.masked_cross_entropies
         deep.set_loss_reduction("mean")
     documents_np = brute_force_documents(packed[4].asnumpy(), SEQ)
     for depth in (1, 2):

@@ -183,3 +183,40 @@ def test_clip_factor_matches_torch_clip_grad_norm():
     for param, grad in zip(params, grads):
         np.testing.assert_allclose(param.grad.numpy(), grad.numpy() * factor, rtol=1e-6)
     assert clip_factor(0.1, 0.5) == 1.0 and clip_factor(10.0, None) == 1.0
+
+
+def test_large_parameters_take_the_in_place_chain_and_still_match_torch(monkeypatch):
+    """Parameters of CHAIN_MIN_ELEMENTS or more are updated by `chained_update` (in-place ops, one temporary)
+    instead of the fused kernel, whose CPU outputs take three parameter-sized buffers: the threshold is lowered
+    here so that the small problem's matrices take it, with a clipping scale on one step. GRAPH mode only: the
+    in-place primitives have no PyNative CPU kernel, so PyNative keeps the fused kernel."""
+    from mindpretrain.training import optimizer as optimizer_module
+
+    torch = require_reference("torch")
+    monkeypatch.setattr(optimizer_module, "CHAIN_MIN_ELEMENTS", 10)        # w1 (12) and w2 (10), not norm (5)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    initial, grads = _problem(seed=13, steps=3)
+    assert AdamW([ms.Parameter(ms.Tensor(initial["w1"]), name="w1")]).chained_flags == (False,)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    params = [ms.Parameter(ms.Tensor(initial[name]), name=name) for name in SHAPES]
+    optimizer = AdamW(params, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    assert optimizer.chained_flags == (True, True, False)
+    scales = (None, 0.37, None)
+    reference = {name: torch.nn.Parameter(torch.tensor(initial[name])) for name in SHAPES}
+    decayed = torch.optim.AdamW([reference["w1"], reference["w2"]], lr=LRS[0], betas=BETAS, eps=EPS,
+                                weight_decay=WEIGHT_DECAY)
+    plain = torch.optim.AdamW([reference["norm"]], lr=LRS[0], betas=BETAS, eps=EPS, weight_decay=0.0)
+    for step_grads, lr, scale in zip(grads, LRS, scales):
+        tensors = ms.mutable(tuple(ms.Tensor(step_grads[name]) for name in SHAPES))
+        extra = () if scale is None else (ms.Tensor(scale, ms.float32),)
+        optimizer(tensors, ms.Tensor(lr, ms.float32), *extra)
+        for name, param in reference.items():
+            param.grad = torch.tensor(step_grads[name] * np.float32(scale or 1.0))
+        for torch_optimizer in (decayed, plain):
+            torch_optimizer.param_groups[0]["lr"] = lr
+            torch_optimizer.step()
+    for param, avg, avg_sq in zip(params, optimizer.exp_avg, optimizer.exp_avg_sq):
+        state = (decayed if param.name != "norm" else plain).state[reference[param.name]]
+        _assert_relative(param.asnumpy(), reference[param.name].detach().numpy())
+        _assert_relative(avg.asnumpy(), state["exp_avg"].numpy(), per_element=False)
+        _assert_relative(avg_sq.asnumpy(), state["exp_avg_sq"].numpy(), per_element=False, bound=2e-6)
