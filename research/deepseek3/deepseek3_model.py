@@ -88,6 +88,10 @@ class DeepseekV3Model(nn.Cell):
         self.rotary = RotaryEmbedding(model_config, model_config.seq_length)
         # every block's core is of one kind (mla.attention_core); flash attention reads a layout, not a mask
         self.flash_attention = isinstance(self.layers[0].self_attn.core, FlashAttentionCore)
+        # expanded once per forward to [B, heads, S, S] where the cores broadcast explicitly (layers.py), instead
+        # of once per block and again in each block's backward
+        self.expand_mask = self.layers[0].self_attn.core.explicit_broadcast if not self.flash_attention else False
+        self.num_heads = model_config.num_attention_heads
         _name_by_first_path(self)
 
     def positional(self, seq_length, position_ids=None, actual_seq_len=None):
@@ -105,6 +109,12 @@ class DeepseekV3Model(nn.Cell):
         documents = document_ids(actual_seq_len, seq_length)
         cos, sin = self.rotary(seq_length, position_ids)
         return cos, sin, document_causal_mask(documents), documents
+
+    def batch_mask(self, mask, batch):
+        """`positional`'s mask expanded to [batch, heads, S, S] when the cores broadcast explicitly, else as is."""
+        if not self.expand_mask or mask is None:
+            return mask
+        return ops.broadcast_to(mask, (batch, self.num_heads) + mask.shape[2:])
 
     def flash_positional(self, seq_length, position_ids=None, actual_seq_len=None):
         """`positional` for the flash-attention core: the same cos/sin and documents, and in the mask slot None
@@ -248,6 +258,7 @@ class DeepseekV3ForCausalLM(nn.Cell):
     def construct(self, input_ids, labels=None, loss_mask=None, position_ids=None, actual_seq_len=None):
         check_packing_inputs(position_ids, actual_seq_len)
         cos, sin, mask, documents = self.model.positional(input_ids.shape[1], position_ids, actual_seq_len)
+        mask = self.model.batch_mask(mask, input_ids.shape[0])
         real_tokens = real_token_weights(actual_seq_len, input_ids.shape[1])
         if labels is None:
             return self.head(self.model.decode(input_ids, cos, sin, mask, real_tokens)[0])

@@ -99,9 +99,14 @@ def apply_rotary(x, cos, sin, interleave, explicit_broadcast=False):
     (first members, then second members). `explicit_broadcast` expands cos/sin to x's halves first (the CPU
     backend's implicitly broadcasting Mul holds extra full-size buffers: layers.broadcasts_explicitly)."""
     half = x.shape[-1] // 2
-    if interleave:
+    if interleave and explicit_broadcast:       # compiled CPU graphs: Split's Slice kernels, not StridedSlice
+        first, second = ops.split(x.reshape(x.shape[:-1] + (half, 2)), 1, -1)
+        first, second = first.reshape(x.shape[:-1] + (half,)), second.reshape(x.shape[:-1] + (half,))
+    elif interleave:
         pairs = x.reshape(x.shape[:-1] + (half, 2))
         first, second = pairs[..., 0], pairs[..., 1]
+    elif explicit_broadcast:
+        first, second = ops.split(x, half, -1)
     else:
         first, second = x[..., :half], x[..., half:]
     cos = expand_to(ops.cast(cos, x.dtype), first.shape, explicit_broadcast)
