@@ -119,7 +119,8 @@ def training_setup(run_config, model_config, args, rl_config=None, dp_size=1):
         seq_length=int(args.seq_length or seq),
         fused_kernels=fused,
         gradient_accumulation_shard=bool(optimizer_cfg.get("gradient_accumulation_shard", False)),
-        parallel_optimizer_threshold_kb=float(optimizer_cfg.get("parallel_optimizer_threshold", 64)))
+        parallel_optimizer_threshold_kb=float(optimizer_cfg.get("parallel_optimizer_threshold", 64)),
+        host_runtime=device_target.upper() == "CPU")
 
 
 # ------------------------------------------------------------------------------------------ suggestions
@@ -338,6 +339,9 @@ def _memory_lines(plan, budget):
             f"{_gib(stage.optimizer)} {_gib(stage.gathered_weights)} {_gib(stage.activations)} {_gib(stage.total)} "
             f"{_gib(stage.total_without_recompute):>9}")
     worst = plan.worst_stage
+    if worst.runtime:
+        add(f"  total includes {worst.runtime / GIB:.2f} GiB of the CPU process's runtime and memory pool "
+            f"(mindpretrain/planning/cost_model.py CPU_RUNTIME_BYTES)")
     verdict = "fits" if worst.total <= budget else "DOES NOT FIT"
     add(f"  worst stage {worst.stage}: {worst.total / GIB:.2f} GiB of {budget / GIB:.2f} GiB -> {verdict}")
     add("")

@@ -33,6 +33,16 @@ DEVICE_PEAK_FLOPS = {
 DEFAULT_DEVICE = "atlas-800t-a2"
 PARALLEL_OPTIMIZER_THRESHOLD_KB = 64
 
+# A CPU run's process beyond its tensors (TrainingSetup.host_runtime): MindSpore's runtime and compiled
+# graphs, and what its CPU memory pool holds beyond the tensors counted above (the fused AdamW kernel's output
+# buffers, the gradients held while the update graph runs, blocks not reused), which grows with the largest
+# parameter. Fitted (two points, exact) to the peak RSS of benchmarks/bench_model_vs_hf.py's step (1949 MiB
+# measured, 1368 planned, largest parameter 31 MiB) and of a 1.46 GiB probe of the 1B's vocabulary (hidden
+# 1024, 2 layers + MTP, seq 256: 9672 measured, 6733 planned, largest 505 MiB); checked on the tiny config at
+# seq 256 (1528 measured, 1366 planned: -10.6%). docs/planner.md has the commands.
+CPU_RUNTIME_BYTES = 424 * 2 ** 20
+CPU_POOL_BYTES_PER_LARGEST_PARAMETER = 4.98
+
 
 def device_peak_flops(device=DEFAULT_DEVICE, override_tflops=None):
     if override_tflops:
@@ -97,15 +107,17 @@ class StageMemory:
     activations: float
     activations_without_recompute: float
     in_flight_micro_batches: int
+    runtime: float = 0.0         # a CPU run's process and memory-pool overhead (CPU_RUNTIME_BYTES, ...)
 
     @property
     def total(self):
-        return self.weights + self.gradients + self.optimizer + self.gathered_weights + self.activations
+        return self.weights + self.gradients + self.optimizer + self.gathered_weights + self.activations + \
+            self.runtime
 
     @property
     def total_without_recompute(self):
         return self.weights + self.gradients + self.optimizer + self.gathered_weights + \
-            self.activations_without_recompute
+            self.activations_without_recompute + self.runtime
 
 
 @dataclasses.dataclass
@@ -118,6 +130,7 @@ class TrainingSetup:
     recompute: Optional[tuple] = None        # per-layer modes (main + MTP); None: the model config's
     gradient_accumulation_shard: bool = False
     parallel_optimizer_threshold_kb: float = PARALLEL_OPTIMIZER_THRESHOLD_KB
+    host_runtime: bool = False               # a CPU process: count StageMemory.runtime
 
 
 def optimizer_factor(model_config):
@@ -168,6 +181,8 @@ def stage_memory(model_config, parallel_config, hooks, layouts, placement, setup
     tokens = setup.micro_batch_size * seq
     modes = recompute_modes(model_config, setup)
     per_stage = _stage_weights(parallel_config, layouts, placement, setup, trainable, param_bytes, state_bytes)
+    largest = {stage.stage: max((layout.numel_per_device * param_bytes for layout in layouts
+                                 if stage.stage in layout.stages), default=0.0) for stage in placement.stages}
     result = []
     for stage in placement.stages:
         sums = per_stage[stage.stage]
@@ -189,7 +204,9 @@ def stage_memory(model_config, parallel_config, hooks, layouts, placement, setup
             optimizer=sums["optimizer"], gathered_weights=max(sums["gathered"].values(), default=0.0),
             activations=tokens * ((per_micro + extra) * in_flight + peak_layer) + transient,
             activations_without_recompute=tokens * (per_micro_plain + extra) * in_flight + transient,
-            in_flight_micro_batches=in_flight))
+            in_flight_micro_batches=in_flight,
+            runtime=(CPU_RUNTIME_BYTES + CPU_POOL_BYTES_PER_LARGEST_PARAMETER * largest[stage.stage]
+                     if setup.host_runtime else 0.0)))
     return result
 
 

@@ -172,3 +172,31 @@ def test_cli_runs_as_a_program():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "memory per device" in result.stdout and "worst stage" in result.stdout
     assert math.isfinite(float(result.stdout.split("FLOPs per token (6 x activated + attention):")[1].split()[0]))
+
+
+CPU_1B_RUN = ["--use_parallel=False", "--context.device_target=CPU", "--model.model_config.seq_length=256",
+              "--runner_config.batch_size=1", "--model.model_config.compute_dtype=float32",
+              "--parallel_config.data_parallel=1", "--parallel_config.model_parallel=1",
+              "--parallel_config.pipeline_stage=1", "--parallel_config.expert_parallel=1"]
+
+
+def test_cpu_runs_count_the_process_and_its_memory_pool(capsys):
+    """The 1B YAML as benchmarks/bench_1b_memory.py runs it on a 24 GiB CPU machine: the tensors alone (19.5 GiB)
+    would 'fit', the run is killed at 23.1 GiB in its second step. With the CPU process's runtime and pool term
+    (fitted on two smaller runs, cost_model.CPU_RUNTIME_BYTES) the plan says it does not fit; on Ascend, where
+    the term was never measured, it is not added."""
+    from mindpretrain.planning import cost_model
+
+    def plan(*extra):
+        assert plan_tool.main(["--config", str(PROJECT_ROOT / YAML_1B), "--json", "--device-memory", "24683664KiB",
+                               *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    cpu = plan(*CPU_1B_RUN)
+    stage = cpu["memory_bytes_per_device"][0]
+    largest = 129280 * 2048 * 4                                          # the embedding / head
+    pool = cost_model.CPU_POOL_BYTES_PER_LARGEST_PARAMETER * largest
+    assert stage["runtime"] == cost_model.CPU_RUNTIME_BYTES + pool
+    assert stage["total"] - stage["runtime"] < 24683664 * 1024 < stage["total"] and not cpu["fits"]
+    ascend = plan(*[item for item in CPU_1B_RUN if "device_target" not in item])
+    assert ascend["memory_bytes_per_device"][0]["runtime"] == 0
