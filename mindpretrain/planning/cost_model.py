@@ -151,11 +151,12 @@ def recompute_modes(model_config, setup):
 
 
 def _stage_weights(parallel_config, layouts, placement, setup, trainable, param_bytes, state_bytes):
-    """{stage: {"weights", "gradients", "optimizer": bytes, "gathered": {layer: bytes}}} per device."""
+    """{stage: {"weights", "gradients", "optimizer", "largest": bytes, "gathered": {layer: bytes}}} per device;
+    "largest" is the stage's largest parameter (StageMemory.runtime reads it)."""
     shard_grads = parallel_config.optimizer_shard and (parallel_config.pipeline_stage == 1
                                                        or setup.gradient_accumulation_shard)
     threshold = setup.parallel_optimizer_threshold_kb * 1024
-    per_stage = {stage.stage: {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "gathered": {}}
+    per_stage = {stage.stage: {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "largest": 0.0, "gathered": {}}
                  for stage in placement.stages}
     for layout in layouts:
         elements = layout.numel_per_device
@@ -165,6 +166,7 @@ def _stage_weights(parallel_config, layouts, placement, setup, trainable, param_
         for stage_id in layout.stages:
             sums = per_stage[stage_id]
             sums["weights"] += elements * param_bytes / divisor
+            sums["largest"] = max(sums["largest"], elements * param_bytes)
             if shardable and divisor > 1:
                 sums["gathered"][layout.layer] = sums["gathered"].get(layout.layer, 0.0) + elements * param_bytes
             if is_trainable:
@@ -181,8 +183,6 @@ def stage_memory(model_config, parallel_config, hooks, layouts, placement, setup
     tokens = setup.micro_batch_size * seq
     modes = recompute_modes(model_config, setup)
     per_stage = _stage_weights(parallel_config, layouts, placement, setup, trainable, param_bytes, state_bytes)
-    largest = {stage.stage: max((layout.numel_per_device * param_bytes for layout in layouts
-                                 if stage.stage in layout.stages), default=0.0) for stage in placement.stages}
     result = []
     for stage in placement.stages:
         sums = per_stage[stage.stage]
@@ -205,7 +205,7 @@ def stage_memory(model_config, parallel_config, hooks, layouts, placement, setup
             activations=tokens * ((per_micro + extra) * in_flight + peak_layer) + transient,
             activations_without_recompute=tokens * (per_micro_plain + extra) * in_flight + transient,
             in_flight_micro_batches=in_flight,
-            runtime=(CPU_RUNTIME_BYTES + CPU_POOL_BYTES_PER_LARGEST_PARAMETER * largest[stage.stage]
+            runtime=(CPU_RUNTIME_BYTES + CPU_POOL_BYTES_PER_LARGEST_PARAMETER * sums["largest"]
                      if setup.host_runtime else 0.0)))
     return result
 

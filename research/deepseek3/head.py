@@ -94,19 +94,21 @@ class OutputHead(nn.Cell):
         # apart, where the merged pass's larger chunk would cost more (tests/planning/test_plan_memory.py probe)
         self.merge_passes = model_config.vocab_size * model_config.hidden_size >= CHUNK_ELEMENTS
 
-    def _weight_and_tokens(self, hidden):
+    def _compute_weight(self):
         weight = self.weight
         if weight.dtype != self.compute_dtype:
             weight = ops.cast(weight, self.compute_dtype)
+        return weight
+
+    def _tokens(self, hidden):
         tokens = hidden.reshape(-1, hidden.shape[-1])
         if tokens.dtype != self.compute_dtype:
             tokens = ops.cast(tokens, self.compute_dtype)
-        return weight, tokens
+        return tokens
 
     def construct(self, hidden):
         """hidden [B, S, H] -> float32 logits [B, S, vocab]."""
-        weight, tokens = self._weight_and_tokens(hidden)
-        logits = self.matmul(tokens, weight)
+        logits = self.matmul(self._tokens(hidden), self._compute_weight())
         if logits.dtype != ms.float32:
             logits = ops.cast(logits, ms.float32)
         return logits.reshape(hidden.shape[:-1] + (self.vocab_size,))
@@ -120,8 +122,8 @@ class OutputHead(nn.Cell):
         """`masked_cross_entropy` of each (hidden, labels, loss_mask) in `segments` (the main model's and each
         MTP depth's); with `merge_passes`, through ONE head pass over all their tokens. Why: every pass leaves
         its own [vocab, H] weight gradient until they are summed (1 GiB of fp32 each for the 1B head)."""
-        weight = self._weight_and_tokens(segments[0][0])[0]
-        tokens = tuple(self._weight_and_tokens(hidden)[1] for hidden, _, _ in segments)
+        weight = self._compute_weight()                  # cast once for every segment
+        tokens = tuple(self._tokens(hidden) for hidden, _, _ in segments)
         labels = tuple(segment_labels.reshape(-1) for _, segment_labels, _ in segments)
         weights = tuple(ops.cast(mask, ms.float32).reshape(-1) for _, _, mask in segments)
         if len(segments) == 1:
