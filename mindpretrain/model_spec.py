@@ -74,7 +74,9 @@ class ShardTable:
     op_symbols: op kind -> per-input tuples of mesh symbols (see `mindpretrain.parallel.strategies`);
     matmul_ops: op kinds computed as `x [T, in] @ W[out, in]^T` whose strategy follows the weight kind;
     embedding_kinds / head_kinds: the kinds of unlayered weights that live on the first pipeline stage (and
-    on the last one too when multi-token prediction reads them there) / on the last stage only.
+    on the last one too when multi-token prediction reads them there) / on the last stage only;
+    layout_ops: op kind -> (mesh ((axis, size symbol), ...), input axis names per dimension, output ones): ops
+    sharded by a device-matrix Layout (see `mindpretrain.parallel.strategies.op_layout`).
     """
 
     weight_kinds: Tuple[Tuple[str, str, Tuple[Optional[str], ...], bool], ...]
@@ -82,10 +84,11 @@ class ShardTable:
     matmul_ops: Tuple[str, ...]
     embedding_kinds: Tuple[str, ...] = ("embedding",)
     head_kinds: Tuple[str, ...] = ("final_norm", "lm_head")
+    layout_ops: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     @property
     def op_kinds(self):
-        return tuple(self.op_symbols) + tuple(self.matmul_ops)
+        return tuple(self.op_symbols) + tuple(self.layout_ops) + tuple(self.matmul_ops)
 
     @property
     def kind_splits(self):

@@ -87,8 +87,8 @@ def load_run(config_path, overrides=(), register_path=None):
 
 
 def use_launched_moe_dispatch(run_config, model_config, parallel_config):
-    """Set the MoE dispatch the launcher builds the model with (`semi_auto_moe_dispatch`: capacity under
-    semi-auto parallel on Ascend with expert_parallel > 1), so the plan counts that dispatch's buffers."""
+    """Set the MoE dispatch the launcher builds the model with (`semi_auto_moe_dispatch`: the dropless exchange
+    or capacity under semi-auto parallel on Ascend with expert_parallel > 1), so the plan counts its buffers."""
     device = str((run_config.get("context") or {}).get("device_target") or "Ascend").upper()
     if device != "ASCEND":              # only semi-auto parallel, which needs Ascend, changes the dispatch
         return
@@ -251,6 +251,7 @@ def plan_to_dict(plan, budget, suggestion):
                                     for stage in plan.stages],
         "worst_stage": worst.stage,
         "worst_stage_bytes": worst.total,
+        "moe_dispatch": _planned_dispatch(plan),
         "device_memory_bytes": budget,
         "fits": worst.total <= budget,
         "optimizer_factor": optimizer_factor(model_config),
@@ -278,6 +279,14 @@ def format_plan(plan, budget, suggestion):
     return "\n".join(lines)
 
 
+def _planned_dispatch(plan):
+    """The MoE dispatch the plan counts, as the launcher builds it (None: the device default)."""
+    dispatch = getattr(plan.model_config, "moe_dispatch", None) or "device default"
+    if dispatch == "grouped_matmul" and plan.parallel_config.expert_parallel > 1:
+        return "grouped_matmul (dropless token exchange)"
+    return dispatch
+
+
 def _layout_lines(plan):
     parallel_config, model_config, counts = plan.parallel_config, plan.model_config, plan.counts
     lines = []
@@ -290,7 +299,8 @@ def _layout_lines(plan):
     setup = plan.setup
     kernels = "fused (flash attention; Ascend)" if setup.fused_kernels else "reference (CPU ops)"
     add(f"step: micro batch {setup.micro_batch_size} x seq {setup.seq_length}, kernels {kernels}, "
-        f"params {model_config.param_init_type}, compute {model_config.compute_dtype}")
+        f"params {model_config.param_init_type}, compute {model_config.compute_dtype}, moe_dispatch "
+        f"{_planned_dispatch(plan)}")
     add("")
     add("parameters")
     for key in ("total_main", "mtp", "total_with_mtp", "activated_main", "activated_mtp"):

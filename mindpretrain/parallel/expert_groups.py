@@ -9,6 +9,7 @@ expert-parallel groups of ep ranks; rank r sits at position ``r % ep`` of group 
 (the replicas whose expert gradients are averaged). Pure Python: importable without MindSpore.
 """
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 from mindpretrain.validation import require
 
@@ -72,6 +73,31 @@ class ExpertLayout:
     def owner_of(self, expert):
         """Position (within an expert-parallel group) of the rank holding `expert`."""
         return expert // self.experts_per_rank
+
+
+@dataclass(frozen=True)
+class ExpertExchange:
+    """A device's place in the dropless expert exchange under semi-auto parallel (MindFormers' MoEV3 layout):
+    the dp x mp devices of a stage are cut into groups of ``expert_parallel`` consecutive devices, this one at
+    ``position`` holding experts [position * E/ep, (position + 1) * E/ep); the stage's tokens are split into
+    ``token_shards`` (dp x mp) shards, one per device; ``group`` names the communication group of
+    ``group_ranks`` (None when ep is 1: nothing is exchanged)."""
+    expert_parallel: int
+    position: int = 0
+    group: Optional[str] = None
+    group_ranks: Tuple[int, ...] = (0,)
+    token_shards: int = 1
+
+
+def semi_auto_exchange(parallel_config, rank):
+    """The `ExpertExchange` of global `rank` under `parallel_config` (stages hold dp x mp consecutive ranks)."""
+    ep, per_stage = parallel_config.expert_parallel, parallel_config.devices_per_stage
+    require(per_stage % ep == 0, "parallel_config.expert_parallel", ep,
+            f"must divide data_parallel x model_parallel ({per_stage})")
+    position = rank % per_stage % ep
+    ranks = tuple(range(rank - position, rank - position + ep))
+    group = None if ep == 1 else f"expert_exchange_{ranks[0]}_{ep}"
+    return ExpertExchange(ep, position, group, ranks, per_stage)
 
 
 def expert_index(parameter_name):

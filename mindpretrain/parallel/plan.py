@@ -145,17 +145,39 @@ def expert_layout_for(plan, parallel_config, model_config, device_target):
 
 
 def semi_auto_moe_dispatch(plan, parallel_config, model_config):
-    """The MoE dispatch a model must be built with: under semi-auto parallel with `expert_parallel > 1` only the
-    capacity dispatch splits the experts by ep (the planner counts E/ep experts per device), so it is the default
-    there and any other explicit choice is refused; elsewhere the model's own choice (None: its device default)."""
+    """The MoE dispatch a model must be built with. Under semi-auto parallel with `expert_parallel > 1` two
+    dispatches split the routed experts by ep: `grouped_matmul`, dropless, tokens exchanged by a per-device
+    AlltoAllV (exchanged_experts.py, MindFormers' MoEV3 with `use_gmm: True`; it needs whole experts, expert
+    tensor parallel 1), and `capacity` (MindFormers' `use_gmm: False`, dropping past the capacity). Unset, the
+    choice follows `use_gmm` (None counts as True), falling back to capacity when experts are split by mp; any
+    other explicit choice is refused. Elsewhere the model's own choice (None: its device default)."""
     chosen = getattr(model_config, "moe_dispatch", None)
     ep = getattr(parallel_config, "expert_parallel", 1) if parallel_config is not None else 1
     if plan.mode != SEMI_AUTO_PARALLEL or ep <= 1 or not getattr(model_config, "n_routed_experts", 0):
         return chosen
-    require(chosen in (None, "capacity"), "moe_dispatch", chosen,
+    require(chosen in (None, "capacity", "grouped_matmul"), "moe_dispatch", chosen,
             f"does not split the routed experts over parallel_config.expert_parallel ({ep}) under semi-auto "
-            "parallel: leave it unset or use capacity")
-    return "capacity"
+            "parallel: leave it unset or use grouped_matmul or capacity")
+    emp = parallel_config.expert_tensor_parallel
+    if chosen == "grouped_matmul":
+        require(emp == 1, "moe_config.expert_model_parallel", emp,
+                "must be 1 with moe_dispatch grouped_matmul under expert parallelism (each device computes "
+                "whole experts; use moe_dispatch capacity to split experts over model_parallel)")
+    if chosen is None:
+        chosen = "grouped_matmul" if getattr(model_config, "use_gmm", None) is not False and emp == 1 \
+            else "capacity"
+    return chosen
+
+
+def expert_exchange_for(plan, parallel_config, model_config, rank):
+    """This rank's `ExpertExchange` when the model is built with the dropless exchanged dispatch (semi-auto
+    parallel, expert_parallel > 1, moe_dispatch grouped_matmul), else None."""
+    ep = getattr(parallel_config, "expert_parallel", 1) if parallel_config is not None else 1
+    if plan.mode != SEMI_AUTO_PARALLEL or ep <= 1 or getattr(model_config, "moe_dispatch", None) != "grouped_matmul":
+        return None
+    from mindpretrain.parallel.expert_groups import semi_auto_exchange
+
+    return semi_auto_exchange(parallel_config, rank)
 
 
 def prepare_model(plan, model, model_config, parallel_config, world_size):

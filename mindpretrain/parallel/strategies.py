@@ -8,7 +8,9 @@ resolved here against a `ParallelConfig`:
 - `dp` data parallel, `mp` model parallel, `sp` sequence split of norm/residual activations (`mp` with
   `use_seq_parallel`, else 1), `ep` expert parallel, `emp` tensor parallel inside an expert,
   `dp_ep` the data-parallel replicas left inside an expert group (`dp / ep`), `vocab` the vocabulary
-  split (`mp`, or 1 with `vocab_emb_dp`), products such as `dp*sp`, and `None` (not split).
+  split (`mp`, or 1 with `vocab_emb_dp`), products such as `dp*sp`, a product over a divisor such as
+  `dp*mp/ep`, and `None` (not split). Layout op kinds (`table.layout_ops`) name a device matrix of such sizes
+  and say per dimension which of its axes splits it (`op_layout`; MindSpore's `Layout`).
 
 The projections' strategies are not written by hand: for the table's `matmul_ops`, `MatMul(x, W^T)` with `W`
 split as its weight kind says takes `x` split on tokens by `dp` (or `dp*sp` for small replicated projections
@@ -43,9 +45,48 @@ def symbol_sizes(parallel_config):
 
 
 def resolve(symbol, sizes):
+    """Parts of a symbol: None -> 1, "dp" -> its size, "dp*mp" a product, "dp*mp/ep" a product over a divisor."""
     if symbol is None:
         return 1
-    return math.prod(sizes[part] for part in symbol.split("*"))
+    product, _, divisor = symbol.partition("/")
+    parts = math.prod(sizes[part] for part in product.split("*"))
+    return parts // sizes[divisor] if divisor else parts
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutStrategy:
+    """A layout-sharded op kind resolved for a ParallelConfig: the device matrix (slowest axis first), its axis
+    names, and each input's / output's axis name per dimension (None = not split)."""
+
+    device_matrix: Tuple[int, ...]
+    axis_names: Tuple[str, ...]
+    inputs: tuple
+    outputs: tuple
+
+    def input_parts(self, index):
+        """Parts each dimension of input `index` is cut into (what a plain strategy tuple would say)."""
+        size = dict(zip(self.axis_names, self.device_matrix))
+        return tuple(math.prod(size[name] for name in (axes if isinstance(axes, tuple) else (axes,)))
+                     if axes is not None else 1 for axes in self.inputs[index])
+
+    def shard_arguments(self):
+        """`in_strategy` and `out_strategy` of MindSpore Layouts for `primitive.shard`."""
+        from mindspore.parallel import Layout
+
+        layout = Layout(self.device_matrix, self.axis_names)
+
+        def tensor(axes):
+            return layout(*("None" if names is None else names for names in axes))
+
+        return tuple(tensor(axes) for axes in self.inputs), tuple(tensor(axes) for axes in self.outputs)
+
+
+def op_layout(kind, parallel_config, table):
+    """The `LayoutStrategy` of a layout op kind of `table` (`table.layout_ops[kind]`)."""
+    mesh, inputs, outputs = table.layout_ops[kind]
+    sizes = symbol_sizes(parallel_config)
+    return LayoutStrategy(tuple(resolve(symbol, sizes) for _, symbol in mesh), tuple(name for name, _ in mesh),
+                          inputs, outputs)
 
 
 def matmul_symbols(kind, parallel_config, table):
@@ -68,7 +109,10 @@ def op_strategy_symbols(kind, parallel_config, table):
 
 
 def op_strategy(kind, parallel_config, table):
-    """The `.shard()` in_strategy tuple of op `kind` of `table` under `parallel_config`."""
+    """The `.shard()` in_strategy tuple of op `kind` of `table` under `parallel_config` (a `LayoutStrategy` for
+    a layout op kind)."""
+    if kind in table.layout_ops:
+        return op_layout(kind, parallel_config, table)
     sizes = symbol_sizes(parallel_config)
     return tuple(tuple(resolve(symbol, sizes) for symbol in entry)
                  for entry in op_strategy_symbols(kind, parallel_config, table))
@@ -152,7 +196,10 @@ def apply_shard_strategies(model, parallel_config, table, force=False):
     for path, attribute, kind, strategy in planned:
         primitive = getattr(cells[path], attribute)
         out = op_out_strategy(kind, parallel_config, table)
-        if out is None:
+        if isinstance(strategy, LayoutStrategy):
+            layouts_in, layouts_out = strategy.shard_arguments()
+            primitive.shard(in_strategy=layouts_in, out_strategy=layouts_out)
+        elif out is None:
             primitive.shard(strategy)
         else:
             primitive.shard(strategy, out)

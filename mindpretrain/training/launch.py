@@ -129,21 +129,31 @@ def log_no_effect_notice(settings, model_config, rank):
     return notice
 
 
-def _attach_expert_layout(plan, parallel_config, model_config, device_target):
+def _attach_expert_layout(plan, parallel_config, model_config, device_target, rank=0):
     """Experts split over the ranks: under data parallelism the model builds only this rank's slice
-    (expert_groups.py); under semi-auto parallel it stores them stacked for the shard strategies to split."""
-    from mindpretrain.parallel.plan import expert_layout_for, semi_auto_moe_dispatch
+    (expert_groups.py); under semi-auto parallel it stores them stacked for the shard strategies to split, and
+    the dropless dispatch gets this rank's exchange group (exchanged_experts.py)."""
+    from mindpretrain.parallel.plan import SEMI_AUTO_PARALLEL, expert_exchange_for, expert_layout_for, \
+        semi_auto_moe_dispatch
 
     layout = expert_layout_for(plan, parallel_config, model_config, device_target)
     model_config.expert_layout = layout
     dispatch = semi_auto_moe_dispatch(plan, parallel_config, model_config)
-    if dispatch != getattr(model_config, "moe_dispatch", None):
-        model_config.moe_dispatch = dispatch
-        # moe_config.capacity_factor now acts: out of the "no effect here" notice
+    model_config.moe_dispatch = dispatch
+    exchange = expert_exchange_for(plan, parallel_config, model_config, rank)
+    model_config.expert_exchange = exchange
+    if dispatch in ("capacity", "grouped_matmul") and plan.mode == SEMI_AUTO_PARALLEL and \
+            parallel_config.expert_parallel > 1:
+        # moe_config.use_gmm (and capacity_factor for the capacity dispatch) now act: out of the no-effect notice
+        acting = ("use_gmm", "capacity_factor") if dispatch == "capacity" else ("use_gmm",)
         model_config.no_effect_keys = tuple(key for key in getattr(model_config, "no_effect_keys", ())
-                                            if not key.endswith("capacity_factor"))
-        logger.info("expert parallel %d under semi-auto parallel: moe_dispatch capacity (experts stored and "
-                    "computed E/ep per device)", parallel_config.expert_parallel)
+                                            if not key.endswith(acting))
+        logger.info("expert parallel %d under semi-auto parallel: moe_dispatch %s (experts stored and "
+                    "computed E/ep per device)", parallel_config.expert_parallel, dispatch)
+    if exchange is not None and exchange.group is not None:
+        from mindspore.communication import create_group
+
+        create_group(exchange.group, list(exchange.group_ranks))
     if layout is not None and plan.data_rank == 0:
         logger.info("expert parallel: %d experts over %d ranks (%d per rank, %s dispatcher)", layout.num_experts,
                     layout.expert_parallel, layout.experts_per_rank, layout.dispatcher)
@@ -169,7 +179,7 @@ def setup_run(run_config):
     seed_everything(int(run_config.get("seed", 0) or 0))
     model_config, model = build_model(run_config, device_target,
                                       lambda config: _attach_expert_layout(plan, parallel_config, config,
-                                                                           device_target))
+                                                                           device_target, rank))
     parallel_plan.prepare_model(plan, model, model_config, parallel_config, world_size)
     apply_batch_size_factor(run_config, plan.batch_size_factor)
     logger.info("rank %d/%d on %s, parallel mode %s", rank, world_size, device_target, plan.mode)

@@ -45,7 +45,7 @@ _IGNORED = frozenset((
 # `aux_loss_types`/`aux_loss_factors`.
 _IGNORED_MOE = frozenset((
     "expert_group_size", "routing_policy", "use_fused_ops_topkrouter", "aux_loss_factor",
-    "expert_model_parallel", "callback_moe_droprate", "use_gmm", "use_fused_ops_permute",
+    "expert_model_parallel", "callback_moe_droprate", "use_fused_ops_permute",
     "enable_gmm_safe_tokens", "enable_sdrop", "group_wise_a2a", "num_experts_chosen_per_group",
     "enable_deredundency", "npu_nums_per_device", "use_allgather_dispatcher", "comp_comm_parallel",
     "comp_comm_parallel_degree", "save_token_distribution", "cur_layer", "enable_cold_hot_expert", "update_step",
@@ -61,6 +61,8 @@ NO_EFFECT_REASONS = {
     "n_kv_heads": "MLA expands its latent to one key/value per query head, so MindFormers ignores it too",
     "moe_config.aux_loss_factor": "read by MindFormers' v1 router only; DeepSeek-V3 uses aux_loss_factors",
     "moe_config.capacity_factor": "read by moe_dispatch: capacity only; the other dispatches drop no token",
+    "moe_config.use_gmm": "read under semi-auto parallel with expert_parallel > 1 only (dropless grouped "
+                          "dispatch or capacity); the other layouts' dispatches drop no token",
     "moe_config.aux_loss_factors": "MindFormers' MoEConfig drops aux_loss_factors without aux_loss_types "
                                    "(no balance loss)",
 }
@@ -304,6 +306,10 @@ class DeepseekV3Config:
     moe_capacity_factor: float = _training_field(1.1)
     """Capacity factor of the ``capacity`` dispatch (MindFormers' moe_config.capacity_factor, default 1.1 as
     there): slots per expert and data-parallel shard = ceil(K * tokens * factor / E); no effect elsewhere."""
+    use_gmm: Optional[bool] = _training_field(None)
+    """MindFormers' moe_config.use_gmm, read under semi-auto parallel with expert_parallel > 1 only: True (or
+    None) builds the dropless exchanged grouped-matmul dispatch (MoEV3), False the capacity dispatch
+    (mindpretrain.parallel.plan.semi_auto_moe_dispatch); every other layout's dispatches drop nothing anyway."""
     moe_token_dispatcher_type: Optional[str] = _training_field(None)
     """Token exchange with experts split over expert_parallel ranks (Megatron's name): "allgather" or "alltoall";
     None: alltoall on Ascend, allgather elsewhere (mindpretrain/parallel/expert_groups.py)."""
@@ -355,6 +361,7 @@ class DeepseekV3Config:
             ("moe_config.norm_topk_prob", "norm_topk_prob"),
             ("moe_config.aux_loss_factors", "seq_balance_loss_alpha"),   # its "expert" entry (_mindformers_aux_loss)
             ("moe_config.capacity_factor", "moe_capacity_factor"),     # the capacity dispatch's only
+            ("moe_config.use_gmm", "use_gmm"),                          # semi-auto expert parallelism only
         )
 
     @classmethod
@@ -408,6 +415,8 @@ class DeepseekV3Config:
         if "moe_capacity_factor" in values and origin["moe_capacity_factor"].startswith("moe_config.") \
                 and values.get("moe_dispatch") != "capacity":
             no_effect.append(origin["moe_capacity_factor"])         # read by the capacity dispatch only
+        if "use_gmm" in values:         # acts under semi-auto expert parallelism only; the launcher says when
+            no_effect.append(origin["use_gmm"])
         no_effect = tuple(key for key in no_effect if key not in _READ_ELSEWHERE)
         return values, no_effect
 
@@ -501,6 +510,7 @@ class DeepseekV3Config:
         self.recompute = _normalise_recompute(self.recompute, self.num_hidden_layers + self.num_nextn_predict_layers)
         require(self.moe_dispatch is None or self.moe_dispatch in MOE_DISPATCHES, "moe_dispatch", self.moe_dispatch,
                 f"must be one of {', '.join(map(repr, MOE_DISPATCHES))} (None picks the device's default)")
+        require(self.use_gmm in (None, True, False), "moe_config.use_gmm", self.use_gmm, "must be True or False")
         require(self.moe_token_dispatcher_type in (None, "allgather", "alltoall"), "moe_token_dispatcher_type",
                 self.moe_token_dispatcher_type, "must be 'allgather' or 'alltoall' (None picks the device's default)")
         offset = self.offset

@@ -8,24 +8,19 @@ CPU backend lacks, so both collectives are written as an AllReduce: the gather a
 AllReduce, so the expert weights' gradient on a rank is d(sum of the group's losses)/dW: every token that used
 the expert contributes, which is why expert gradients skip the data-parallel AllReduce (train_step.py).
 
-``alltoall`` (MoEAlltoAllTokenDispatcher, for Ascend): sort the token-expert assignments by destination rank,
-exchange them with per-rank counts (AlltoAllV), compute, exchange back, unpermute. Its permutation is the pure
-functions below (tested on CPU against `emulated_alltoallv`); the Cell is written for Ascend and never run here.
+``alltoall`` (MoEAlltoAllTokenDispatcher, for Ascend): sort the token-expert assignments by destination rank
+(`exchanged_experts.send_plan`, shared with the semi-auto exchanged dispatch and run on CPU there), exchange them
+with per-rank counts (AlltoAllV), compute, exchange back, unpermute. The NumPy functions below state the data
+movement (tested on CPU against `emulated_alltoallv`); the Cell is written for Ascend and never run here.
 """
 import numpy as np
 
 import mindspore as ms
 from mindspore import nn, ops
 
+from research.deepseek3.exchanged_experts import send_plan, weighted_sum
 from research.deepseek3.moe import BlockSparseExperts, _segment_rows, _with_zero_row, default_block_size, \
     num_dispatch_blocks
-
-
-def weighted_sum(y_assign, topk_weight, top_k, dtype):
-    """Rows [N*K, H] in assignment order -> [N, H]: each token's K rows weighted by the router (the combine)."""
-    tokens = topk_weight.shape[0]
-    weight = ops.cast(topk_weight, dtype).reshape(tokens, top_k, 1)
-    return (y_assign.reshape(tokens, top_k, y_assign.shape[-1]) * weight).sum(1)
 
 
 class PaddedAllGather(nn.Cell):
@@ -177,10 +172,7 @@ class AlltoAllDispatcher(nn.Cell):
     def construct(self, x, topk_idx, topk_weight, gate_weights, up_weights, down_weights):
         tokens, hidden = x.shape
         flat_idx = topk_idx.reshape(-1)
-        destination = flat_idx // self.per_rank
-        order = ops.sort(ops.cast(destination, ms.float32), stable=True)[1]
-        inverse = ops.argsort(ops.cast(order, ms.float32))
-        counts = ops.one_hot(destination, self.world, ms.Tensor(1, ms.int32), ms.Tensor(0, ms.int32)).sum(0)
+        order, inverse, counts = send_plan(flat_idx, self.per_rank, self.world)
         matrix = self.gather_counts(counts.reshape(1, -1))                       # [ep, ep]: row = source
         send_rows = ops.gather(x, order // self.top_k, 0)
         received = self.exchange(send_rows.reshape(-1), counts * hidden, matrix[:, self.position] * hidden)

@@ -18,6 +18,7 @@ from mindpretrain.validation import require
 from research.deepseek3.capacity_dispatch import DEFAULT_CAPACITY_FACTOR, CapacityExperts
 from research.deepseek3.deepseek3_config import BALANCE_LOSS_KINDS, MOE_DISPATCHES
 from research.deepseek3.dense_dispatch import DenseExperts, dense_is_leaner
+from research.deepseek3.exchanged_experts import ExchangedGroupedExperts
 from research.deepseek3.layers import SwiGLU, broadcasts_explicitly, expand_to, ms_dtype, normal_weight
 
 
@@ -49,7 +50,8 @@ class StackedRoutedExperts(nn.Cell):
     """Every routed expert's `gate_proj/up_proj/down_proj.weight` in one [E, out, in] Parameter each
     (`experts.gate_proj.weight`, ...; MindFormers' storage), read through Cast primitives whose strategies split
     the expert axis by ep: under semi-auto parallel each device then stores E/ep experts. Checkpoints keep the HF
-    per-expert names (`mindpretrain.parallel.expert_groups.per_expert_name`). Used by the capacity dispatch."""
+    per-expert names (`mindpretrain.parallel.expert_groups.per_expert_name`). Used by the capacity dispatch
+    and the exchanged grouped dispatch (exchanged_experts.py)."""
 
     def __init__(self, num_experts, hidden_size, intermediate_size, model_config):
         super().__init__()
@@ -57,8 +59,8 @@ class StackedRoutedExperts(nn.Cell):
         self.up_proj = ProjectionWeight(hidden_size, intermediate_size, model_config, num_experts)
         self.down_proj = ProjectionWeight(intermediate_size, hidden_size, model_config, num_experts)
         self.cast_gate, self.cast_up, self.cast_down = ops.Cast(), ops.Cast(), ops.Cast()
-        self.shard_ops = {"cast_gate": "moe.capacity_gate_weight", "cast_up": "moe.capacity_up_weight",
-                          "cast_down": "moe.capacity_down_weight"}
+        self.shard_ops = {"cast_gate": "moe.stacked_gate_weight", "cast_up": "moe.stacked_up_weight",
+                          "cast_down": "moe.stacked_down_weight"}
 
     def weights(self, dtype):
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in `dtype`."""
@@ -373,7 +375,10 @@ class DeepseekV3MoE(nn.Cell):
         self.balance_unbiased_topk = float(getattr(model_config, "topk_bias_update_rate", 0.0) or 0.0) > 0
         self.gate = TopkRouter(model_config)
         local = self.expert_layout.local_experts if partitioned else range(self.num_experts)
-        self.stacked_experts = self.dispatch == "capacity" and not partitioned
+        # semi-auto parallel with expert_parallel > 1 (the launcher sets expert_exchange): MindFormers' MoEV3 layout
+        self.exchanged = (self.dispatch == "grouped_matmul"
+                          and getattr(model_config, "expert_exchange", None) is not None)
+        self.stacked_experts = (self.dispatch == "capacity" or self.exchanged) and not partitioned
         if self.stacked_experts:        # one [E, out, in] Parameter per projection, split by ep under semi-auto
             self.experts = StackedRoutedExperts(self.num_experts, model_config.hidden_size,
                                                 model_config.moe_intermediate_size, model_config)
@@ -388,7 +393,10 @@ class DeepseekV3MoE(nn.Cell):
             from research.deepseek3.expert_parallel import make_dispatcher
             self.expert_dispatcher = make_dispatcher(self.expert_layout, self.top_k, self.block_size,
                                                      self.compute_dtype)
-        if self.dispatch == "grouped_matmul":
+        if self.exchanged:                          # research/deepseek3/exchanged_experts.py (dropless, E/ep)
+            self.routed_compute = ExchangedGroupedExperts(model_config.expert_exchange, self.num_experts, self.top_k,
+                                                          grouped_matmul, self.compute_dtype)
+        elif self.dispatch == "grouped_matmul":
             self.routed_compute = GroupedMatmulExperts(self.top_k, grouped_matmul, self.compute_dtype)
         elif self.dispatch == "dense":              # research/deepseek3/dense_dispatch.py (no weight copies)
             self.routed_compute = DenseExperts(self.num_experts, self.top_k, self.compute_dtype)
@@ -448,7 +456,7 @@ class DeepseekV3MoE(nn.Cell):
             load = ops.stop_gradient((ops.cast(selected, ms.float32) *
                                       self._per_assignment(real_tokens).reshape(-1, 1)).sum(0))
 
-        if self.dispatch == "capacity":            # combines itself: dropped assignments are its to know
+        if self.stacked_experts:                   # combine themselves (capacity: dropped assignments)
             gate_weights, up_weights, down_weights = self.experts.weights(self.compute_dtype)
             out = self.routed_compute(x, topk_idx, topk_weight, gate_weights, up_weights, down_weights)
         elif self.dispatch == "dense":

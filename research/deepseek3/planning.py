@@ -106,6 +106,8 @@ def _moe_terms(model_config, parallel_config, fused_kernels, tokens):
         dispatch = reference_moe_dispatch(model_config)
     if dispatch == "capacity" and tokens:
         terms += capacity_dispatch_terms(model_config, parallel_config, tokens)
+    elif dispatch == "grouped_matmul" and parallel_config.expert_parallel > 1:
+        terms += exchanged_dispatch_terms(model_config, parallel_config)
     elif dispatch == "dense":       # every expert on every token (dense_dispatch.py), no weight copies
         terms += [("dispatched tokens and routed outputs", (k + experts) * h / sp, "compute"),
                   ("routed experts gate/up/silu/product", experts * 4 * width / emp / sp, "compute")]
@@ -143,6 +145,19 @@ def capacity_dispatch_terms(model_config, parallel_config, tokens):
          rows_per_token * 4 * width / parallel_config.expert_tensor_parallel, "compute"),
         ("capacity dispatch slot and combine indices", footprint["index_elements"] / tokens, "int32"),
     ]
+
+
+def exchanged_dispatch_terms(model_config, parallel_config):
+    """Per-token kept buffers of the dropless exchanged dispatch (exchanged_experts.py): each of the dp x mp
+    devices takes 1/mp of a data-parallel shard's tokens and, with the load balanced, receives K rows per token
+    (the aux-loss-free bias keeps it near that; a device receiving r x the mean holds r x these rows): the rows
+    sorted by expert and the routed outputs [K, H], the experts' gate/up/silu/product [K, 4 I] (whole experts:
+    expert tensor parallel 1), and two int32 sort orders per row (send, local)."""
+    k, mp = model_config.num_experts_per_tok, parallel_config.model_parallel
+    h, width = model_config.hidden_size, model_config.moe_intermediate_size
+    return [("exchanged token rows and routed outputs", 2 * k * h / mp, "compute"),
+            ("routed experts gate/up/silu/product", 4 * k * width / mp, "compute"),
+            ("exchange sort orders", 4 * k / mp, "int32")]
 
 
 def _reference_dispatch(model_config, tokens):

@@ -117,11 +117,11 @@ OP_SYMBOLS = {
     "moe.capacity_zero_row": (("dp", None, None), ("dp", None, None)),               # [rows | 0] along axis 1
     "moe.capacity_dispatch": (("dp", None, None), ("dp", None)),                     # [dp,n+1,H] by [dp,E*C]
     "moe.capacity_to_experts": (("dp_ep", "ep", None, None),),                       # [dp,E,C,H] -> [E,dp,C,H]
-    # the stacked expert Parameters [E, I, H] / [E, H, I] are read through a Cast split like the matmul's weight
-    # input, so each device stores E/ep experts (moe.StackedRoutedExperts)
-    "moe.capacity_gate_weight": (("ep", "emp", None),),
-    "moe.capacity_up_weight": (("ep", "emp", None),),
-    "moe.capacity_down_weight": (("ep", None, "emp"),),
+    # the stacked expert Parameters [E, I, H] / [E, H, I] (capacity and exchanged dispatches) are read through a
+    # Cast split like the experts' weight input, so each device stores E/ep experts (moe.StackedRoutedExperts)
+    "moe.stacked_gate_weight": (("ep", "emp", None),),
+    "moe.stacked_up_weight": (("ep", "emp", None),),
+    "moe.stacked_down_weight": (("ep", None, "emp"),),
     "moe.capacity_gate_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),         # [E,dp*C,H] x [E,I,H]^T
     "moe.capacity_up_proj": (("ep", "dp_ep", None), ("ep", "emp", None)),
     "moe.capacity_silu": (("ep", "dp_ep", "emp"),),
@@ -145,10 +145,24 @@ OP_SYMBOLS = {
 }
 
 # Projections: op kind == weight kind; x [T, in] @ W[out, in]^T.
+# Ops sharded by a device-matrix layout (mindspore.parallel.Layout) instead of per-input cut counts: the mesh
+# as (axis name, size symbol) from slowest to fastest, then each input's and output's axis name per dimension
+# (a tuple of names splits one dimension over several axes, None leaves it whole).
+#   moe.exchanged_experts: the dropless expert-parallel Morph (exchanged_experts.py, MindFormers' MoEV3 layout).
+#   The dp x mp devices of a stage are (replica, ep) with ep fastest: the token shards [dp*mp, n, ...] over
+#   both, one per device; the stacked experts [E, out, in] over ep, replicated over the dp*mp/ep replicas (whose
+#   gradients MindSpore then reduces). Each device exchanges with the ep devices of its replica.
+_TOKEN_SHARD = (("replica", "ep"), None, None)
+_EXPERT_SLICE = ("ep", None, None)
+LAYOUT_OPS = {
+    "moe.exchanged_experts": ((("replica", "dp*mp/ep"), ("ep", "ep")),
+                              (_TOKEN_SHARD,) * 3 + (_EXPERT_SLICE,) * 3, (_TOKEN_SHARD,)),
+}
+
 MATMUL_OPS = ("attention.q_a_proj", "attention.q_b_proj", "attention.q_proj", "attention.kv_a_proj",
               "attention.kv_b_proj", "attention.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
               "moe.router", "moe.shared_gate_proj", "moe.shared_up_proj", "moe.shared_down_proj",
               "mtp.eh_proj", "lm_head")
 
-OP_KINDS = tuple(OP_SYMBOLS) + MATMUL_OPS
+OP_KINDS = tuple(OP_SYMBOLS) + tuple(LAYOUT_OPS) + MATMUL_OPS
 

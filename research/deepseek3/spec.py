@@ -78,7 +78,7 @@ def without_mtp(model_config):
 
 
 SHARD_TABLE = ShardTable(weight_kinds=sharding.WEIGHT_KINDS, op_symbols=sharding.OP_SYMBOLS,
-                         matmul_ops=sharding.MATMUL_OPS)
+                         matmul_ops=sharding.MATMUL_OPS, layout_ops=sharding.LAYOUT_OPS)
 
 PLANNING = PlanningHooks(layer_activation_terms=planning.layer_activation_terms,
                          selective_recompute_drops=planning.SELECTIVE_RECOMPUTE_DROPS,

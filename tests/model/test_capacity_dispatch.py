@@ -28,8 +28,8 @@ from conftest import PROJECT_ROOT
 HIDDEN, INTER, EXPERTS, TOP_K = 32, 16, 8, 2
 BATCH, SEQ = 2, 12
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-CAPACITY_KINDS = {kind for kind in SHARD_TABLE.op_kinds if kind.startswith("moe.capacity_")}
-WEIGHT_KINDS = {"moe.capacity_gate_weight", "moe.capacity_up_weight", "moe.capacity_down_weight"}   # the storage
+WEIGHT_KINDS = {"moe.stacked_gate_weight", "moe.stacked_up_weight", "moe.stacked_down_weight"}   # the storage
+CAPACITY_KINDS = {kind for kind in SHARD_TABLE.op_kinds if kind.startswith("moe.capacity_")} | WEIGHT_KINDS
 
 
 @pytest.fixture(autouse=True)
@@ -243,8 +243,8 @@ def test_table_splits_experts_by_ep_and_tokens_by_dp(dp, ep, dp_ep):
     strategies = op_strategies(pc, SHARD_TABLE)
     assert len(CAPACITY_KINDS) == 27
     # the stacked expert Parameters are read through casts split like the matmuls' weights: E/ep per device
-    assert strategies["moe.capacity_gate_weight"] == strategies["moe.capacity_up_weight"] == ((ep, 2, 1),)
-    assert strategies["moe.capacity_down_weight"] == ((ep, 1, 2),)
+    assert strategies["moe.stacked_gate_weight"] == strategies["moe.stacked_up_weight"] == ((ep, 2, 1),)
+    assert strategies["moe.stacked_down_weight"] == ((ep, 1, 2),)
     for kind in ("moe.capacity_gate_proj", "moe.capacity_up_proj"):      # [E, dp*C, H] x [E, I, H]^T
         assert strategies[kind] == ((ep, dp_ep, 1), (ep, 2, 1)), kind
     assert strategies["moe.capacity_down_proj"] == ((ep, dp_ep, 2), (ep, 1, 2))

@@ -130,7 +130,7 @@ def test_mindformers_aliases_give_the_same_config():
                      n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=2.5,
                      first_k_dense_replace=3, moe_intermediate_size=2048, n_group=8, topk_group=4,
                      topk_bias_update_rate=0.001, norm_topk_prob=True, seq_balance_loss_alpha=0.0001,
-                     use_flash_attention=True)
+                     use_flash_attention=True, use_gmm=True)
     assert DeepseekV3Config(**mindformers_style) == DeepseekV3Config(**canonical)
 
 

@@ -43,8 +43,10 @@ BLOCK_SPARSE_EXPERTS = {
     ("routed_compute", "down_matmul"): ("moe.expert_down_proj", ((1, 4, 2), (1, 1, 2))),
 }
 # The capacity dispatch's kinds (tests/model/test_capacity_dispatch.py) are declared by its own cell only.
-CAPACITY_KINDS = {kind for kind in SHARD_TABLE.op_kinds if kind.startswith("moe.capacity_")}
-MOE_KINDS = {kind for kind in SHARD_TABLE.op_kinds if kind.startswith("moe.")} - CAPACITY_KINDS
+# the kinds of the dispatches that store the experts stacked (capacity, exchanged): not the block-sparse MoE's
+STACKED_KINDS = {kind for kind in SHARD_TABLE.op_kinds
+                 if kind.startswith(("moe.capacity_", "moe.stacked_", "moe.exchanged_"))}
+MOE_KINDS = {kind for kind in SHARD_TABLE.op_kinds if kind.startswith("moe.")} - STACKED_KINDS
 
 
 def tiny_config(**overrides):
@@ -85,8 +87,8 @@ def test_every_moe_layer_plans_the_strategies_of_the_table(tiny_model):
     assert paths == [f"model.layers.{index}.mlp" for index in tiny_model.model_config.moe_layer_indices]   # MTP's too
     for path in paths:
         assert planned_inside(planned, path) == {**ROUTER_COMBINE_SHARED, **BLOCK_SPARSE_EXPERTS}, path
-    # every moe.* kind of the table but the capacity dispatch's is declared by the block-sparse MoE
-    assert {kind for kind in unmatched if kind.startswith("moe.")} == CAPACITY_KINDS
+    # every moe.* kind of the table but the stacked dispatches' is declared by the block-sparse MoE
+    assert {kind for kind in unmatched if kind.startswith("moe.")} == STACKED_KINDS
     assert {kind for kind, _ in planned_inside(planned, paths[0]).values()} == MOE_KINDS
 
 
@@ -116,7 +118,7 @@ def test_grouped_matmul_dispatch_leaves_only_the_routed_expert_kinds_to_propagat
     planned, unmatched = plan(moe, **PARALLEL)
     assert planned_inside(planned, "") == ROUTER_COMBINE_SHARED
     assert {kind for kind in unmatched if kind.startswith("moe.")} == {
-        kind for kind, _ in BLOCK_SPARSE_EXPERTS.values()} | CAPACITY_KINDS
+        kind for kind, _ in BLOCK_SPARSE_EXPERTS.values()} | STACKED_KINDS
 
 
 @pytest.mark.parametrize("dispatch", ["block_sparse", "grouped_matmul"])

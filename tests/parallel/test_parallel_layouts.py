@@ -9,7 +9,7 @@ from mindpretrain.validation import ConfigError
 from mindpretrain.parallel.layouts import weight_kind, weight_layouts
 from mindpretrain.parallel.parallel_config import ParallelConfig
 from mindpretrain.parallel.pipeline import place_layers
-from mindpretrain.parallel.strategies import apply_shard_strategies, op_strategies
+from mindpretrain.parallel.strategies import LayoutStrategy, apply_shard_strategies, op_strategies
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.sharding import MATMUL_OPS, OP_KINDS, WEIGHT_KINDS
 from research.deepseek3.spec import SHARD_TABLE
@@ -113,6 +113,9 @@ def test_strategies_are_consistent(values):
     dp, mp = pc.data_parallel, pc.model_parallel
     assert set(strategies) == set(OP_KINDS)
     for kind, strategy in strategies.items():
+        if isinstance(strategy, LayoutStrategy):            # a device matrix of the stage's devices
+            assert math.prod(strategy.device_matrix) == dp * mp, (kind, strategy)
+            strategy = tuple(strategy.input_parts(index) for index in range(len(strategy.inputs)))
         for entry in strategy:
             assert all(isinstance(part, int) and part >= 1 for part in entry), (kind, strategy)
             assert pc.devices_per_stage % math.prod(entry) == 0, (kind, strategy)
@@ -170,8 +173,8 @@ def test_apply_is_skipped_clearly_outside_semi_auto_parallel(tiny_model):
     assert {"attention.kv_b_proj", "attention.softmax", "attention.latent_norm.rsqrt", "mlp.gate_proj",
             "mlp.silu", "residual_add", "mtp.eh_proj", "mtp.concat", "loss.nll_gather"} <= kinds
     # what no cell declares is reported: RoPE (functional ops), q_proj (this config has a q LoRA) and the
-    # capacity dispatch's kinds (this model uses block_sparse)
-    capacity_kinds = {kind for kind in OP_KINDS if kind.startswith("moe.capacity_")}
+    # stacked dispatches' kinds (capacity, exchanged; this model uses block_sparse)
+    capacity_kinds = {kind for kind in OP_KINDS if kind.startswith(("moe.capacity_", "moe.stacked_", "moe.exchanged_"))}
     assert set(report.unmatched_kinds) == set(OP_KINDS) - kinds == {
         "attention.rope_mul", "attention.k_rope_mul", "attention.k_pe_broadcast", "attention.q_proj",
         "attention.flash_attention", "attention.value_pad"} | capacity_kinds   # no Ascend flash core on CPU

@@ -4,12 +4,14 @@ Under semi-auto parallel with expert_parallel > 1 the launcher builds the capaci
 (`mindpretrain.parallel.plan.semi_auto_moe_dispatch`); tools/plan.py must apply the same rule, and the cost model
 must then count what that dispatch keeps per MoE layer: E*C expert rows instead of K per token, the gathered
 outputs and two int32 index tensors (research/deepseek3/capacity_dispatch.py)."""
+import json
+
 import pytest
 import yaml
 
 from mindpretrain.config import load_config, parse_override_args
 from mindpretrain.parallel.parallel_config import ParallelConfig
-from mindpretrain.planning.cost_model import TrainingSetup, build_plan, model_facts
+from mindpretrain.planning.cost_model import GIB, TrainingSetup, build_plan, model_facts
 from mindpretrain.validation import ConfigError
 from research.deepseek3.deepseek3_config import DeepseekV3Config
 from research.deepseek3.planning import layer_activation_terms
@@ -69,8 +71,11 @@ def semi_auto_yaml(tmp_path, device="Ascend", use_parallel=True, **parallel):
     return str(path)
 
 
-def test_plan_tool_plans_the_capacity_dispatch_under_semi_auto_parallel_with_expert_parallel(tmp_path):
+def test_plan_tool_plans_the_launcher_dispatch_under_semi_auto_parallel_with_expert_parallel(tmp_path):
     _, config, _ = plan_tool.load_run(semi_auto_yaml(tmp_path))
+    assert config.moe_dispatch == "grouped_matmul"           # whole experts (mp 1): the dropless exchange
+    _, config, _ = plan_tool.load_run(semi_auto_yaml(tmp_path), parse_override_args(
+        ["--+model.model_config.moe_config.use_gmm=False"]))
     assert config.moe_dispatch == "capacity"
     _, config, _ = plan_tool.load_run(semi_auto_yaml(tmp_path, expert_parallel=1))
     assert config.moe_dispatch is None                       # ep 1: the model's own choice
@@ -89,8 +94,30 @@ def test_plan_tool_refuses_a_dispatch_the_launcher_refuses(tmp_path, capsys):
     assert "invalid configuration: moe_dispatch ('block_sparse')" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", ["research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml",
-                                  "tests/data/mindformers/pretrain_deepseek3_671b.yaml"])
-def test_the_671b_yamls_are_planned_with_the_capacity_dispatch(path):
+@pytest.mark.parametrize("path, dispatch, budget_gib", [
+    ("research/deepseek3/deepseek3_671b/pretrain_deepseek3_671b.yaml", "capacity", 58),   # experts split by mp 4
+    ("tests/data/mindformers/pretrain_deepseek3_671b.yaml", "grouped_matmul", 55),        # use_gmm, expert tp 1
+])
+def test_the_671b_yamls_are_planned_with_their_expert_parallel_dispatch_and_fit(path, dispatch, budget_gib, capsys):
+    """MindFormers' published YAML (use_gmm: True, moe_config.expert_model_parallel: 1) is planned with the dropless
+    exchange, whose tokens are split over dp x mp (not only dp, as the capacity dispatch's): it fits its own
+    max_device_memory (55GB) where the capacity dispatch planned 55.68 GiB."""
     _, config, parallel = plan_tool.load_run(str(PROJECT_ROOT / path))
-    assert parallel.expert_parallel == 8 and config.moe_dispatch == "capacity"
+    assert parallel.expert_parallel == 8 and config.moe_dispatch == dispatch
+    assert plan_tool.main(["--config", str(PROJECT_ROOT / path), "--json", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] and report["device_memory_bytes"] == budget_gib * GIB
+    assert report["worst_stage_bytes"] < 0.75 * budget_gib * GIB if dispatch == "grouped_matmul" else True
+
+
+def test_exchanged_dispatch_terms_by_name():
+    config = tiny_model_config(moe_dispatch="grouped_matmul")
+    parallel = ParallelConfig.from_dict(dict(data_parallel=4, model_parallel=2, expert_parallel=4,
+                                             expert_model_parallel=1))
+    terms = {name: (elements, key) for name, elements, key in
+             layer_activation_terms(config, parallel, 1, 16, True, tokens=32)}
+    # K = 2, H = 64, I = 32, split over mp = 2 (each device of a dp shard takes half its tokens)
+    assert terms["exchanged token rows and routed outputs"] == (2 * 2 * 64 / 2, "compute")
+    assert terms["routed experts gate/up/silu/product"] == (4 * 2 * 32 / 2, "compute")
+    assert terms["exchange sort orders"] == (4 * 2 / 2, "int32")
+    assert "capacity dispatch slot and combine indices" not in terms

@@ -367,8 +367,10 @@ def test_launcher_refuses_a_log_level_mindspore_would_refuse():
 
 
 def test_expert_parallel_picks_the_layout_that_splits_experts():
-    """Data parallel with ep = dp: an ExpertLayout per rank (explicit dispatch); semi-auto with ep > 1: the capacity
-    dispatch (stacked experts split by the strategies), any other explicit dispatch refused; stand-alone: nothing."""
+    """Data parallel with ep = dp: an ExpertLayout per rank (explicit dispatch); semi-auto with ep > 1: the dropless
+    exchanged dispatch with whole experts, else (or with use_gmm False) the capacity dispatch, any other explicit
+    dispatch refused; stand-alone: nothing."""
+    import dataclasses
     import types
 
     from mindpretrain.parallel.parallel_config import ParallelConfig
@@ -383,7 +385,14 @@ def test_expert_parallel_picks_the_layout_that_splits_experts():
                                          micro_batch_num=2))
     plan = plan_parallel("Ascend", True, 16, 3, semi)
     assert expert_layout_for(plan, semi, model_config, "Ascend") is None
-    assert semi_auto_moe_dispatch(plan, semi, model_config) == "capacity"
-    with pytest.raises(ConfigError, match=r"moe_dispatch \('grouped_matmul'\) does not split the routed experts"):
+    assert semi_auto_moe_dispatch(plan, semi, model_config) == "capacity"       # experts split over mp (emp 2)
+    with pytest.raises(ConfigError, match=r"moe_config.expert_model_parallel \(2\) must be 1 with moe_dispatch "
+                                          r"grouped_matmul"):
         semi_auto_moe_dispatch(plan, semi, types.SimpleNamespace(n_routed_experts=8, moe_dispatch="grouped_matmul"))
+    with pytest.raises(ConfigError, match=r"moe_dispatch \('dense'\) does not split the routed experts"):
+        semi_auto_moe_dispatch(plan, semi, types.SimpleNamespace(n_routed_experts=8, moe_dispatch="dense"))
+    whole = dataclasses.replace(semi, expert_model_parallel=1)              # whole experts: the dropless exchange
+    assert semi_auto_moe_dispatch(plan, whole, model_config) == "grouped_matmul"
+    assert semi_auto_moe_dispatch(plan, whole, types.SimpleNamespace(**vars(model_config), use_gmm=False)) == \
+        "capacity"                                                             # MindFormers' use_gmm: False
     assert semi_auto_moe_dispatch(plan_parallel("CPU", True, 2, 1, pc), pc, model_config) is None
