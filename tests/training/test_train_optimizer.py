@@ -220,3 +220,27 @@ def test_large_parameters_take_the_in_place_chain_and_still_match_torch(monkeypa
         _assert_relative(param.asnumpy(), reference[param.name].detach().numpy())
         _assert_relative(avg.asnumpy(), state["exp_avg"].numpy(), per_element=False)
         _assert_relative(avg_sq.asnumpy(), state["exp_avg_sq"].numpy(), per_element=False, bound=2e-6)
+
+
+def test_an_update_over_many_parameters_compiles_with_the_default_call_depth():
+    """The update chains its per-parameter steps; MindSpore's evaluator recurses along the chain, so 300
+    parameters exceed the default max_call_depth (1000): the update cell raises it, and the result is still the
+    formula's."""
+    from mindpretrain.training.train_step import ApplyUpdateCell
+
+    previous = ms.get_context("max_call_depth")
+    ms.set_context(mode=ms.GRAPH_MODE, max_call_depth=1000)
+    try:
+        rng = np.random.RandomState(3)
+        initial = {f"w{index}": rng.normal(size=(2, 2)).astype(np.float32) for index in range(300)}
+        grads = {name: rng.normal(size=(2, 2)).astype(np.float32) for name in initial}
+        params = [ms.Parameter(ms.Tensor(value), name=name) for name, value in initial.items()]
+        update = ApplyUpdateCell(AdamW(params, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY))
+        update(ms.mutable(tuple(ms.Tensor(grads[name]) for name in initial)), ms.Tensor(1e-2, ms.float32),
+               ms.Tensor(1.0, ms.float32))
+        assert ms.get_context("max_call_depth") == 6 * 300 + 500
+        expected, _, _ = _previous_formula(initial, [grads], [1e-2])
+        for param in params[::37]:
+            _assert_relative(param.asnumpy(), expected[param.name])
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE, max_call_depth=previous)
