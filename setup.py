@@ -1,4 +1,5 @@
-"""Installs the core package `mindpretrain`, the DeepSeek-V3 plugin and the C++ dataset index helpers.
+"""Installs the core package `mindpretrain`, the DeepSeek-V3 plugin, the C++ dataset index helpers and the C++
+host AdamW step.
 
 The index helpers are a pybind11 extension because the sample index of a billion-token corpus is a
 sequential walk over every document that pure Python cannot do in seconds. When the extension
@@ -15,6 +16,15 @@ ext_modules = [
         # No fused multiply-add (aarch64 GCC would contract `w * x - n`): the blending choice must
         # round exactly like the NumPy fallback on every platform.
         extra_compile_args=["-O3", "-ffp-contract=off"],
+    ),
+    # The host AdamW step of a CPU run's largest parameters (mindpretrain/training/host_adamw.py): no fused
+    # multiply-add either, so it rounds exactly like its NumPy fallback.
+    Pybind11Extension(
+        "mindpretrain.training._host_adamw",
+        ["mindpretrain/training/host_adamw.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
+        extra_link_args=["-pthread"],
     ),
 ]
 

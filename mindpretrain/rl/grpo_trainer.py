@@ -5,7 +5,7 @@ Colocated, as the seed recipes run it: the sampler decodes with the trained Para
 update is what the next rollout samples from. Every data-parallel rank holds whole groups (its contiguous share
 of the step's prompts, `prompts.rank_slice`); rewards, advantages and dynamic-sampling filters are computed per
 rank, the loss aggregation, the metrics and the "another generation round?" decision over all ranks (AllReduce
-of a few numbers). The update reuses pretraining's train step (`ForwardBackwardCell`, `ApplyUpdateCell`):
+of a few numbers). The update reuses pretraining's train step (`ForwardBackwardCell`, `UpdateStep`):
 gradient averaging over micro batches and ranks, the global norm, clipping, the NaN skip limit
 (`runner_config.max_consecutive_nan_steps`).
 
@@ -32,7 +32,7 @@ from mindpretrain.training.checkpoint import CheckpointManager
 from mindpretrain.training.lr_schedule import build_lr_schedule
 from mindpretrain.training.optimizer import build_optimizer
 from mindpretrain.training.signals import StopRequest
-from mindpretrain.training.train_step import ApplyUpdateCell, ForwardBackwardCell, clip_factor
+from mindpretrain.training.train_step import ForwardBackwardCell, UpdateStep, clip_factor
 from mindpretrain.training.trainer import TrainingError, local_weight_flags, model_parameters, parameter_checksum
 from mindpretrain.utils.atomic_files import atomic_write
 from mindpretrain.utils.logging import get_logger
@@ -94,7 +94,7 @@ class GRPOTrainer:
         self.forward_backward = ForwardBackwardCell(loss, self.trainable, self.accumulation, self.dp.size,
                                                     local_weights=local_weight_flags(self.trainable,
                                                                                      self.expert_layout))
-        self.apply_update = ApplyUpdateCell(self.optimizer)
+        self.apply_update = UpdateStep(self.optimizer)
         self.policy_logp = None if rl_config.on_policy else TokenLogProbCell(self.model, rollout.temperature)
         self.reference_logp = TokenLogProbCell(reference, rollout.temperature) if reference is not None else None
         # checkpoints count consumed prompts (a multiple of dp), not pretraining's batch_size x dp samples
@@ -238,7 +238,7 @@ class GRPOTrainer:
         lr = schedule(self.updates)
         finite = bool(np.all(np.isfinite(losses)) and math.isfinite(grad_norm))
         if finite:
-            self.apply_update(ms.mutable(grads), ms.Tensor(lr, ms.float32),
+            self.apply_update(grads, ms.Tensor(lr, ms.float32),
                               ms.Tensor(clip_factor(grad_norm, self.settings.max_grad_norm), ms.float32))
             self.updates += 1
             if self.rl.actor.update_expert_bias:

@@ -22,10 +22,12 @@ the kernel (benchmarks/bench_adamw_memory.py).
 
 The CPU kernel still takes three buffers of the parameter's size from MindSpore's memory pool for its
 outputs (var, m, v; the pool's peak of one update of a 256 MiB parameter is 768 MiB), and pool memory,
-once taken, is what later graphs reuse and touch. So parameters of CHAIN_MIN_ELEMENTS or more (the 1B
-model's 129280 x 2048 vocabulary matrices) take `chained_update` in GRAPH mode on CPU: the same formula as
-in-place primitives, with one temporary (sqrt(v)), overwriting the gradient it is given. It is slower
-(about eleven passes over the tensor instead of one), which is why only the largest parameters take it.
+once taken, is what later graphs reuse and touch: a compiled update of a 1.46 GiB model held three copies of
+its parameters' outputs in the pool. So on CPU the trainer's update (train_step.UpdateStep,
+`enable_host_update`) leaves every float32 parameter out of the compiled update and gives it the host update
+instead (`host_update`, host_adamw.py): the same formula in one fused float32 loop, in
+place on the parameter's host memory, with no temporary (measured in docs/planner.md). The fused kernel
+remains the update on Ascend, where parameters live in device memory.
 
 State lives in Parameters named `exp_avg.<param>`, `exp_avg_sq.<param>` and `adam_step`, so a
 checkpoint stores it under readable names and restores it bit-exactly. The moments are float32
@@ -37,17 +39,19 @@ same formula as tensor arithmetic instead, with its temporaries.
 """
 import math
 
+import numpy as np
+
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.ops.auto_generate import InplaceAddExt, InplaceAddsExt, InplaceCopy, InplaceDiv, InplaceMul
 
+from mindpretrain.training import host_adamw
 from mindpretrain.validation import require
 from mindpretrain.registry import register
 
 
-# Parameters of at least this many elements (64 MiB of fp32; the 1B model's vocabulary matrices, not the CPU
-# benchmark's) take `chained_update` instead of the fused kernel: memory over speed where memory is the limit.
-CHAIN_MIN_ELEMENTS = 16 * 1024 * 1024
+# On CPU, float32 parameters of at least this many elements are updated on the host (`AdamW.host_update`)
+# instead of by the compiled update: all of them (tests raise it to check a mixed update).
+HOST_UPDATE_MIN_ELEMENTS = 0
 
 
 def _composite_update(plain, decay, param, exp_avg, exp_avg_sq, grad):
@@ -63,35 +67,6 @@ def _composite_update(plain, decay, param, exp_avg, exp_avg_sq, grad):
     ops.assign(exp_avg, next_avg)
     ops.assign(exp_avg_sq, next_avg_sq)
     return ops.assign(param, ops.cast(param_fp32, param.dtype))
-
-
-class InPlaceSteps:
-    """The in-place element-wise primitives of `chained_update` (one instance each, shared by all parameters)."""
-
-    def __init__(self):
-        self.mul, self.add, self.add_scalar = InplaceMul(), InplaceAddExt(), InplaceAddsExt()
-        self.copy, self.div = InplaceCopy(), InplaceDiv()
-
-
-def chained_update(steps, chained, eps, decay, param, exp_avg, exp_avg_sq, grad):
-    """The bias-corrected AdamW step as a chain of in-place ops, for parameters too large for the fused kernel,
-    whose CPU kernel takes three fresh buffers of the parameter's size from the memory pool for its outputs
-    (var, m, v). Here the one new buffer is sqrt(v); `grad` is overwritten (the caller's gradient is consumed).
-    `chained` = [1]-shaped (k1 = (1 - beta1) * scale, k2 = (1 - beta2) / (1 - beta1)^2, beta1, beta2,
-    1 - lr * wd, 1 / sqrt(bc2), -lr / bc1):
-        m = beta1 m + k1 g;  g' = k2 (k1 g)^2 = (1 - beta2) (scale g)^2;  v = beta2 v + g'
-        p = p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-    Each op is ordered after the last reader of what it overwrites (ops.depend)."""
-    k1, k2, beta1, beta2, decay_factor, inverse_root2, step_size = chained
-    scaled = steps.mul(grad, k1)                                            # k1 g
-    avg = steps.add(steps.mul(exp_avg, beta1), scaled)
-    squared = steps.mul(ops.depend(scaled, avg), ops.depend(scaled, avg))    # k1^2 g^2, after m has read k1 g
-    avg_sq = steps.add(steps.mul(exp_avg_sq, beta2), steps.mul(squared, k2))
-    denominator = steps.add_scalar(steps.mul(ops.sqrt(avg_sq), inverse_root2), eps)
-    update = steps.mul(steps.div(steps.copy(ops.depend(squared, avg_sq), avg), denominator), step_size)
-    if decay:
-        param = steps.mul(param, decay_factor)
-    return steps.add(param, update)
 
 
 def _update_one(fused_adamw, plain, folded, in_place, decay, param, exp_avg, exp_avg_sq, grad):
@@ -132,12 +107,8 @@ class AdamW(nn.Cell):
         self.adam_step = Parameter(Tensor([0.0], ms.float32), name="adam_step", requires_grad=False)
         self.decay_flags = tuple(len(param.shape) >= 2 for param in params)
         self.in_place_flags = tuple(param.dtype == ms.float32 for param in params)
-        # CPU only (the three output buffers are the CPU kernel's), GRAPH mode only (the in-place primitives have
-        # no PyNative CPU kernel: "The kernel InplaceMul unregistered")
-        chain = ms.get_context("mode") == ms.GRAPH_MODE and str(ms.get_context("device_target")).upper() == "CPU"
-        self.chained_flags = tuple(chain and flag and math.prod(param.shape) >= CHAIN_MIN_ELEMENTS
-                                   for flag, param in zip(self.in_place_flags, params))
-        self.eps_value = float(eps)
+        self.host_flags = (False,) * len(params)          # `enable_host_update` (the trainer's UpdateStep)
+        self.hyper = (float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
         self.beta1 = Tensor(float(betas[0]), ms.float32)
         self.beta2 = Tensor(float(betas[1]), ms.float32)
         self.eps = Tensor(float(eps), ms.float32)
@@ -145,7 +116,6 @@ class AdamW(nn.Cell):
         self.one = Tensor(1.0, ms.float32)
         self.zero = Tensor(0.0, ms.float32)
         self.fused_adamw = ops.AdamWeightDecay()
-        self.steps = InPlaceSteps()
 
     def state_parameters(self):
         """Every state Parameter, by its checkpoint name (without the `optimizer.` prefix)."""
@@ -162,30 +132,60 @@ class AdamW(nn.Cell):
         root2 = ops.sqrt(bias_correction2)
         folded = (lr * root2 / bias_correction1, self.eps * root2, self.weight_decay * bias_correction1 / root2,
                   self.zero)
-        chained = self._chained_scalars(lr, grad_scale, bias_correction1, root2) if any(self.chained_flags) else None
         done = step
         for index in range(len(self.parameters)):
-            grad = ops.depend(grads[index], done)
-            if self.chained_flags[index]:
-                if grad.dtype != ms.float32:
-                    grad = ops.cast(grad, ms.float32)
-                done = chained_update(self.steps, chained, self.eps_value, self.decay_flags[index],
-                                      self.parameters[index], self.exp_avg[index], self.exp_avg_sq[index], grad)
+            if self.host_flags[index]:                 # `host_update`, after this graph
                 continue
+            grad = ops.depend(grads[index], done)
             if grad_scale is not None:
                 grad = grad * ops.cast(grad_scale, grad.dtype)
             done = _update_one(self.fused_adamw, plain, folded, self.in_place_flags[index], self.decay_flags[index],
                                self.parameters[index], self.exp_avg[index], self.exp_avg_sq[index], grad)
         return ops.depend(step, done)
 
-    def _chained_scalars(self, lr, grad_scale, bias_correction1, root2):
-        """The [1]-shaped factors of `chained_update` for this step."""
-        one_minus_beta1 = self.one - self.beta1
-        k1 = one_minus_beta1 if grad_scale is None else one_minus_beta1 * ops.cast(grad_scale, ms.float32)
-        k2 = (self.one - self.beta2) / (one_minus_beta1 * one_minus_beta1)
-        values = (k1, k2, self.beta1, self.beta2, self.one - lr * self.weight_decay, self.one / root2,
-                  -lr / bias_correction1)
-        return tuple(ops.reshape(value, (1,)) for value in values)
+    def enable_host_update(self):
+        """On CPU (where a parameter's memory is host memory NumPy can view), move every float32 parameter of
+        HOST_UPDATE_MIN_ELEMENTS or more out of the compiled update into `host_update`. Called before the update
+        compiles, by whoever then calls `host_update` after each compiled update (train_step.UpdateStep).
+        Returns whether any parameter moved."""
+        if str(ms.get_context("device_target")).upper() == "CPU":
+            self.host_flags = tuple(flag and math.prod(param.shape) >= HOST_UPDATE_MIN_ELEMENTS
+                                    for flag, param in zip(self.in_place_flags, self.parameters))
+        return any(self.host_flags)
+
+    @property
+    def host_only(self):
+        """Every parameter takes the host update: the compiled update would only count the step."""
+        return all(self.host_flags)
+
+    def host_update(self, grads, lr, grad_scale=1.0):
+        """The step of the host-updated parameters (`host_flags`): after `construct`, which counted the step, or
+        alone when `host_only` (then it counts the step itself). `grads` the same tuple, `lr` and `grad_scale`
+        floats or scalar tensors."""
+        if not any(self.host_flags):
+            return
+        beta1, beta2, eps, weight_decay = self.hyper
+        if self.host_only:
+            host_adamw.host_view(self.adam_step, "adam_step")[0] += np.float32(1.0)
+        step = float(self.adam_step.asnumpy().reshape(-1)[0])
+        one = np.float32(1.0)
+        bc1 = one - np.float32(beta1) ** np.float32(step)
+        bc2 = one - np.float32(beta2) ** np.float32(step)
+        lr, scale = float(np.asarray(_number(lr))), float(np.asarray(_number(grad_scale)))
+        scalars = (scale, beta1, beta2, lr, np.float32(lr) * np.float32(weight_decay), bc1, bc2, eps)
+        for index, on_host in enumerate(self.host_flags):
+            if on_host:
+                param = self.parameters[index]
+                host_adamw.adamw_step(host_adamw.host_view(param, "parameter"),
+                                      host_adamw.host_view(self.exp_avg[index], "exp_avg"),
+                                      host_adamw.host_view(self.exp_avg_sq[index], "exp_avg_sq"),
+                                      host_adamw.host_view(grads[index], "gradient"), scalars,
+                                      self.decay_flags[index])
+
+
+def _number(value):
+    """A float from a Python number or a scalar tensor."""
+    return value.asnumpy() if hasattr(value, "asnumpy") else value
 
 
 def build_optimizer(section, params):

@@ -42,8 +42,12 @@ _square_sum = ops.MultitypeFuncGraph("square_sum")
 
 @_square_sum.register("Tensor")
 def _square_sum_one(grad):
-    grad = ops.cast(grad, ms.float32)
-    return ops.reduce_sum(grad * grad)
+    """sum(g * g) as a dot product: a MatMul takes no gradient-sized temporary, where `g * g` took one from the
+    memory pool for every gradient (measured: -509 MiB peak for a 1.46 GiB model whose largest gradient is
+    505 MiB)."""
+    if grad.dtype != ms.float32:
+        grad = ops.cast(grad, ms.float32)
+    return ops.matmul(grad.reshape(1, -1), grad.reshape(-1, 1)).reshape(())
 
 
 _scale = ops.MultitypeFuncGraph("scale")
@@ -219,6 +223,24 @@ class ApplyUpdateCell(nn.Cell):
 
     def construct(self, grads, lr, clip_factor):
         return self.optimizer(grads, lr, clip_factor)
+
+
+class UpdateStep:
+    """The whole optimizer step: the compiled `ApplyUpdateCell`, then the optimizer's host update of the
+    parameters it keeps out of the graph (`AdamW.host_update`: on CPU, all of them, and then no cell is
+    compiled at all)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        enable = getattr(optimizer, "enable_host_update", None)
+        self.host_update = optimizer.host_update if enable is not None and enable() else None
+        self.cell = None if getattr(optimizer, "host_only", False) else ApplyUpdateCell(optimizer)
+
+    def __call__(self, grads, lr, clip_factor):
+        if self.cell is not None:
+            self.cell(ms.mutable(tuple(grads)), lr, clip_factor)
+        if self.host_update is not None:
+            self.host_update(grads, lr, clip_factor)
 
 
 def clip_factor(grad_norm, max_grad_norm):

@@ -30,7 +30,7 @@ from mindpretrain.training.optimizer import build_optimizer
 from mindpretrain.training.progress import flops_per_token_or_none
 from mindpretrain.training.settings import DataParallelInfo
 from mindpretrain.training.signals import StopRequest
-from mindpretrain.training.train_step import (ApplyUpdateCell, ForwardBackwardCell, PipelineForwardBackwardCell,
+from mindpretrain.training.train_step import (ForwardBackwardCell, PipelineForwardBackwardCell, UpdateStep,
                                               clip_factor, expert_load_shape)
 from mindpretrain.utils.logging import get_logger
 from mindpretrain.validation import require
@@ -96,7 +96,7 @@ class Trainer:
         # experts split over the ranks (model_config.expert_layout, set by the launcher) or None
         self.expert_layout = getattr(model_config, "expert_layout", None)
         self.forward_backward = self._forward_backward_cell(pipeline)
-        self.apply_update = ApplyUpdateCell(self.optimizer)
+        self.apply_update = UpdateStep(self.optimizer)
         self.checkpoints = CheckpointManager(settings, self.dp, self.params, self.optimizer, self.loss_scaler,
                                              model, model_config, self.expert_layout)
         self.step = 0
@@ -238,7 +238,7 @@ class Trainer:
             if outcome.overflow:
                 return outcome
         if finite:
-            self.apply_update(ms.mutable(grads), ms.Tensor(lr, ms.float32),
+            self.apply_update(grads, ms.Tensor(lr, ms.float32),
                               ms.Tensor(clip_factor(grad_norm, self.settings.max_grad_norm), ms.float32))
             self._reduce_expert_load(expert_load)
             self.nan_in_a_row = 0

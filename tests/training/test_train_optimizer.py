@@ -185,41 +185,72 @@ def test_clip_factor_matches_torch_clip_grad_norm():
     assert clip_factor(0.1, 0.5) == 1.0 and clip_factor(10.0, None) == 1.0
 
 
-def test_large_parameters_take_the_in_place_chain_and_still_match_torch(monkeypatch):
-    """Parameters of CHAIN_MIN_ELEMENTS or more are updated by `chained_update` (in-place ops, one temporary)
-    instead of the fused kernel, whose CPU outputs take three parameter-sized buffers: the threshold is lowered
-    here so that the small problem's matrices take it, with a clipping scale on one step. GRAPH mode only: the
-    in-place primitives have no PyNative CPU kernel, so PyNative keeps the fused kernel."""
+@pytest.mark.parametrize("mode", ["GRAPH_MODE", "PYNATIVE_MODE"])
+@pytest.mark.parametrize("threshold, host_flags", [(0, (True, True, True)), (10, (True, True, False))])
+def test_cpu_parameters_take_the_host_update_and_still_match_torch(monkeypatch, mode, threshold, host_flags):
+    """On CPU, float32 parameters of HOST_UPDATE_MIN_ELEMENTS or more (by default all) leave the compiled update
+    and are updated in place on their host memory (host_adamw.py), through the trainer's `UpdateStep`: with every
+    parameter on the host no cell is compiled; with the threshold raised, w1 (12 elements) and w2 (10) take the
+    host update after the compiled cell updated the norm (5). A clipping scale on one step."""
     from mindpretrain.training import optimizer as optimizer_module
+    from mindpretrain.training.train_step import UpdateStep
 
     torch = require_reference("torch")
-    monkeypatch.setattr(optimizer_module, "CHAIN_MIN_ELEMENTS", 10)        # w1 (12) and w2 (10), not norm (5)
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    initial, grads = _problem(seed=13, steps=3)
-    assert AdamW([ms.Parameter(ms.Tensor(initial["w1"]), name="w1")]).chained_flags == (False,)
-    ms.set_context(mode=ms.GRAPH_MODE)
-    params = [ms.Parameter(ms.Tensor(initial[name]), name=name) for name in SHAPES]
-    optimizer = AdamW(params, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    assert optimizer.chained_flags == (True, True, False)
-    scales = (None, 0.37, None)
-    reference = {name: torch.nn.Parameter(torch.tensor(initial[name])) for name in SHAPES}
-    decayed = torch.optim.AdamW([reference["w1"], reference["w2"]], lr=LRS[0], betas=BETAS, eps=EPS,
-                                weight_decay=WEIGHT_DECAY)
-    plain = torch.optim.AdamW([reference["norm"]], lr=LRS[0], betas=BETAS, eps=EPS, weight_decay=0.0)
-    for step_grads, lr, scale in zip(grads, LRS, scales):
-        tensors = ms.mutable(tuple(ms.Tensor(step_grads[name]) for name in SHAPES))
-        extra = () if scale is None else (ms.Tensor(scale, ms.float32),)
-        optimizer(tensors, ms.Tensor(lr, ms.float32), *extra)
-        for name, param in reference.items():
-            param.grad = torch.tensor(step_grads[name] * np.float32(scale or 1.0))
-        for torch_optimizer in (decayed, plain):
-            torch_optimizer.param_groups[0]["lr"] = lr
-            torch_optimizer.step()
-    for param, avg, avg_sq in zip(params, optimizer.exp_avg, optimizer.exp_avg_sq):
-        state = (decayed if param.name != "norm" else plain).state[reference[param.name]]
-        _assert_relative(param.asnumpy(), reference[param.name].detach().numpy())
-        _assert_relative(avg.asnumpy(), state["exp_avg"].numpy(), per_element=False)
-        _assert_relative(avg_sq.asnumpy(), state["exp_avg_sq"].numpy(), per_element=False, bound=2e-6)
+    monkeypatch.setattr(optimizer_module, "HOST_UPDATE_MIN_ELEMENTS", threshold)
+    ms.set_context(mode=getattr(ms, mode))
+    try:
+        initial, grads = _problem(seed=13, steps=3)
+        params = [ms.Parameter(ms.Tensor(initial[name]), name=name) for name in SHAPES]
+        optimizer = AdamW(params, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+        assert optimizer.host_flags == (False,) * 3               # a bare AdamW cell updates everything itself
+        update = UpdateStep(optimizer)
+        assert optimizer.host_flags == host_flags and (update.cell is None) == all(host_flags)
+        scales = (1.0, 0.37, 1.0)
+        reference = {name: torch.nn.Parameter(torch.tensor(initial[name])) for name in SHAPES}
+        decayed = torch.optim.AdamW([reference["w1"], reference["w2"]], lr=LRS[0], betas=BETAS, eps=EPS,
+                                    weight_decay=WEIGHT_DECAY)
+        plain = torch.optim.AdamW([reference["norm"]], lr=LRS[0], betas=BETAS, eps=EPS, weight_decay=0.0)
+        for step_grads, lr, scale in zip(grads, LRS, scales):
+            update(tuple(ms.Tensor(step_grads[name]) for name in SHAPES), ms.Tensor(lr, ms.float32),
+                   ms.Tensor(scale, ms.float32))
+            for name, param in reference.items():
+                param.grad = torch.tensor(step_grads[name] * np.float32(scale))
+            for torch_optimizer in (decayed, plain):
+                torch_optimizer.param_groups[0]["lr"] = lr
+                torch_optimizer.step()
+        assert float(optimizer.adam_step.asnumpy()[0]) == 3
+        for param, avg, avg_sq in zip(params, optimizer.exp_avg, optimizer.exp_avg_sq):
+            state = (decayed if param.name != "norm" else plain).state[reference[param.name]]
+            _assert_relative(param.asnumpy(), reference[param.name].detach().numpy())
+            _assert_relative(avg.asnumpy(), state["exp_avg"].numpy(), per_element=False)
+            _assert_relative(avg_sq.asnumpy(), state["exp_avg_sq"].numpy(), per_element=False, bound=2e-6)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_host_step_extension_equals_its_numpy_fallback_to_the_bit():
+    """The C++ step (threads over ranges) and the NumPy fallback (chunks) round identically, and both write in
+    place."""
+    from mindpretrain.training import host_adamw
+
+    assert host_adamw._host_adamw is not None, "the C++ host AdamW extension is not built (pip install -e .)"
+    rng = np.random.RandomState(5)
+    size = 3 * (1 << 16) + 7                     # several threads' ranges and a ragged end
+    state = [rng.normal(size=size).astype(np.float32), np.abs(rng.normal(size=size)).astype(np.float32) * 0.1,
+             np.abs(rng.normal(size=size)).astype(np.float32) * 0.01]
+    grad = rng.normal(size=size).astype(np.float32)
+    scalars = (0.37, 0.9, 0.95, 1e-3, 1e-4, 0.271, 0.0975, 1e-8)
+    results = []
+    for use_extension, threads in ((True, 4), (True, 1), (False, 1)):
+        arrays = [array.copy() for array in state]
+        host_adamw.adamw_step(*arrays, grad, scalars, decay=True, threads=threads, use_extension=use_extension)
+        results.append(arrays)
+    for arrays in results[1:]:
+        for left, right in zip(results[0], arrays):
+            np.testing.assert_array_equal(left, right)
+    assert not np.array_equal(results[0][0], state[0])
+    with pytest.raises(ValueError, match="writable C-contiguous float32"):
+        host_adamw.adamw_step(state[0][::2], state[1][::2], state[2][::2], grad[::2], scalars, True)
 
 
 def test_an_update_over_many_parameters_compiles_with_the_default_call_depth():
