@@ -6,7 +6,9 @@ and the ratios ours / HF with their spread over rounds.
 
 Config (issue 3): hidden 256, 4 layers (first dense), 8 routed experts top-2 + 1 shared, vocab 32000, no MTP
 (transformers has none in its forward), balance loss off (HF has none), fp32. Both sides run AdamW with bias
-correction (ours: mindpretrain's in-place AdamW; HF: torch.optim.AdamW), weight decay 0.01 on matrices only.
+correction (ours: mindpretrain's AdamW as the trainer drives it, train_step.UpdateStep: on CPU the host update in
+place on the parameters after the compiled forward/backward; HF: torch.optim.AdamW), weight decay 0.01 on
+matrices only.
 
 Fairness on a shared machine: every run is its own process (so VmHWM is that framework's alone), and the two
 frameworks alternate, HF ours HF ours ... (`--rounds` of each), so a change of load hits both alike. Each run's
@@ -48,6 +50,7 @@ def run_ours(steps, batch, seq, threads):
     ms.set_context(mode=ms.GRAPH_MODE)
     sys.path.insert(0, ROOT)
     from mindpretrain.training.optimizer import AdamW
+    from mindpretrain.training.train_step import UpdateStep
     from research.deepseek3.deepseek3_config import DeepseekV3Config
     from research.deepseek3.deepseek3_model import DeepseekV3ForCausalLM
 
@@ -58,15 +61,21 @@ def run_ours(steps, batch, seq, threads):
             self.weights = optimizer.parameters
             self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
-        def construct(self, ids, labels, mask, lr):
+        def construct(self, ids, labels, mask):
             outputs = self.network(ids, labels, mask)
             sens = (ops.ones_like(outputs[0]),) + tuple(ops.zeros_like(item) for item in outputs[1:])
-            self.optimizer(self.grad(self.network, self.weights)(ids, labels, mask, sens), lr)
-            return outputs[0]
+            return outputs[0], self.grad(self.network, self.weights)(ids, labels, mask, sens)
 
     cfg = DeepseekV3Config(seq_length=seq, compute_dtype="float32", seq_balance_loss_alpha=0.0, **CONFIG)
     model = DeepseekV3ForCausalLM(cfg)
-    step = Step(model, AdamW(model.trainable_params(), betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY))
+    optimizer = AdamW(model.trainable_params(), betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY)
+    forward_backward, update, no_clipping = Step(model, optimizer), UpdateStep(optimizer), ms.Tensor(1.0, ms.float32)
+
+    def step(ids, labels, mask, lr):
+        loss, grads = forward_backward(ids, labels, mask)
+        update(grads, lr, no_clipping)
+        return loss
+
     rng = np.random.RandomState(0)
     tokens = rng.randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     ids, labels = ms.Tensor(tokens[:, :-1]), ms.Tensor(tokens[:, 1:])

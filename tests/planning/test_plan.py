@@ -181,10 +181,10 @@ CPU_1B_RUN = ["--use_parallel=False", "--context.device_target=CPU", "--model.mo
 
 
 def test_cpu_runs_count_the_process_and_its_memory_pool(capsys):
-    """The 1B YAML as benchmarks/bench_1b_memory.py runs it on a 24 GiB CPU machine: the tensors alone (19.5 GiB)
-    would 'fit', the run is killed at 23.1 GiB in its second step. With the CPU process's runtime and pool term
-    (fitted on two smaller runs, cost_model.CPU_RUNTIME_BYTES) the plan says it does not fit; on Ascend, where
-    the term was never measured, it is not added."""
+    """The 1B YAML as benchmarks/bench_1b_memory.py runs it on a 24 GiB CPU machine: 19.5 GiB of tensors plus the
+    CPU process's runtime (cost_model.CPU_RUNTIME_BYTES, 600 MiB) fit, and the run trained 10 steps at a measured
+    peak of 21263 MiB (docs/planner.md), within 5% of the plan; on Ascend, where the term was never measured, it
+    is not added."""
     from mindpretrain.planning import cost_model
 
     def plan(*extra):
@@ -194,9 +194,7 @@ def test_cpu_runs_count_the_process_and_its_memory_pool(capsys):
 
     cpu = plan(*CPU_1B_RUN)
     stage = cpu["memory_bytes_per_device"][0]
-    largest = 129280 * 2048 * 4                                          # the embedding / head
-    pool = cost_model.CPU_POOL_BYTES_PER_LARGEST_PARAMETER * largest
-    assert stage["runtime"] == cost_model.CPU_RUNTIME_BYTES + pool
-    assert stage["total"] - stage["runtime"] < 24683664 * 1024 < stage["total"] and not cpu["fits"]
+    assert stage["runtime"] == cost_model.CPU_RUNTIME_BYTES == 600 * 2 ** 20
+    assert cpu["fits"] and abs(stage["total"] / (21263 * 2 ** 20) - 1) < 0.05
     ascend = plan(*[item for item in CPU_1B_RUN if "device_target" not in item])
     assert ascend["memory_bytes_per_device"][0]["runtime"] == 0
