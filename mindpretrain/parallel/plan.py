@@ -166,6 +166,11 @@ def semi_auto_moe_dispatch(plan, parallel_config, model_config):
     if chosen is None:
         chosen = "grouped_matmul" if getattr(model_config, "use_gmm", None) is not False and emp == 1 \
             else "capacity"
+    seq, mp = getattr(model_config, "seq_length", None), parallel_config.model_parallel
+    if chosen == "grouped_matmul" and seq is not None:
+        require(seq % mp == 0, "seq_length", seq,
+                f"must be divisible by parallel_config.model_parallel ({mp}) for the dropless expert exchange, "
+                "which splits each data-parallel shard's tokens over model_parallel")
     return chosen
 
 

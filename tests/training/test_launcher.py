@@ -395,4 +395,7 @@ def test_expert_parallel_picks_the_layout_that_splits_experts():
     assert semi_auto_moe_dispatch(plan, whole, model_config) == "grouped_matmul"
     assert semi_auto_moe_dispatch(plan, whole, types.SimpleNamespace(**vars(model_config), use_gmm=False)) == \
         "capacity"                                                             # MindFormers' use_gmm: False
+    with pytest.raises(ConfigError, match=r"seq_length \(7\) must be divisible by parallel_config.model_parallel "
+                                          r"\(2\) for the dropless expert exchange"):
+        semi_auto_moe_dispatch(plan, whole, types.SimpleNamespace(**vars(model_config), seq_length=7))
     assert semi_auto_moe_dispatch(plan_parallel("CPU", True, 2, 1, pc), pc, model_config) is None
