@@ -17,7 +17,7 @@ ext_modules = [
         # round exactly like the NumPy fallback on every platform.
         extra_compile_args=["-O3", "-ffp-contract=off"],
     ),
-    # The host AdamW step of a CPU run's largest parameters (mindpretrain/training/host_adamw.py): no fused
+    # The host AdamW step of a CPU run's parameters (mindpretrain/training/host_adamw.py): no fused
     # multiply-add either, so it rounds exactly like its NumPy fallback.
     Pybind11Extension(
         "mindpretrain.training._host_adamw",

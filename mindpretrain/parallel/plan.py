@@ -144,6 +144,13 @@ def expert_layout_for(plan, parallel_config, model_config, device_target):
     return layout
 
 
+def splits_experts_by_semi_auto(plan, parallel_config, model_config):
+    """Semi-auto parallel with `expert_parallel > 1` on a model with routed experts: the stacked experts are split
+    by ep (capacity or the dropless exchange, `semi_auto_moe_dispatch`)."""
+    ep = getattr(parallel_config, "expert_parallel", 1) if parallel_config is not None else 1
+    return plan.mode == SEMI_AUTO_PARALLEL and ep > 1 and bool(getattr(model_config, "n_routed_experts", 0))
+
+
 def semi_auto_moe_dispatch(plan, parallel_config, model_config):
     """The MoE dispatch a model must be built with. Under semi-auto parallel with `expert_parallel > 1` two
     dispatches split the routed experts by ep: `grouped_matmul`, dropless, tokens exchanged by a per-device
@@ -152,11 +159,11 @@ def semi_auto_moe_dispatch(plan, parallel_config, model_config):
     choice follows `use_gmm` (None counts as True), falling back to capacity when experts are split by mp; any
     other explicit choice is refused. Elsewhere the model's own choice (None: its device default)."""
     chosen = getattr(model_config, "moe_dispatch", None)
-    ep = getattr(parallel_config, "expert_parallel", 1) if parallel_config is not None else 1
-    if plan.mode != SEMI_AUTO_PARALLEL or ep <= 1 or not getattr(model_config, "n_routed_experts", 0):
+    if not splits_experts_by_semi_auto(plan, parallel_config, model_config):
         return chosen
     require(chosen in (None, "capacity", "grouped_matmul"), "moe_dispatch", chosen,
-            f"does not split the routed experts over parallel_config.expert_parallel ({ep}) under semi-auto "
+            f"does not split the routed experts over parallel_config.expert_parallel "
+            f"({parallel_config.expert_parallel}) under semi-auto "
             "parallel: leave it unset or use grouped_matmul or capacity")
     emp = parallel_config.expert_tensor_parallel
     if chosen == "grouped_matmul":
@@ -177,8 +184,8 @@ def semi_auto_moe_dispatch(plan, parallel_config, model_config):
 def expert_exchange_for(plan, parallel_config, model_config, rank):
     """This rank's `ExpertExchange` when the model is built with the dropless exchanged dispatch (semi-auto
     parallel, expert_parallel > 1, moe_dispatch grouped_matmul), else None."""
-    ep = getattr(parallel_config, "expert_parallel", 1) if parallel_config is not None else 1
-    if plan.mode != SEMI_AUTO_PARALLEL or ep <= 1 or getattr(model_config, "moe_dispatch", None) != "grouped_matmul":
+    if not splits_experts_by_semi_auto(plan, parallel_config, model_config) or \
+            getattr(model_config, "moe_dispatch", None) != "grouped_matmul":
         return None
     from mindpretrain.parallel.expert_groups import semi_auto_exchange
 

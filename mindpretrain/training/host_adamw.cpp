@@ -47,27 +47,27 @@ void update_range(float* p, float* m, float* v, const float* grad, const Scalars
     }
 }
 
-float* writable(py::array& array, const char* what, int64_t size) {
-    if (!py::isinstance<py::array_t<float>>(array) || !(array.flags() & py::array::c_style) || !array.writeable()) {
-        throw std::invalid_argument(std::string(what) + " must be a writable C-contiguous float32 array");
+// The array's data when it is a C-contiguous float32 array of `size` elements (and writable when `write`).
+float* checked(py::array& array, const char* what, int64_t size, bool write) {
+    if (!py::isinstance<py::array_t<float>>(array) || !(array.flags() & py::array::c_style) ||
+        (write && !array.writeable())) {
+        throw std::invalid_argument(std::string(what) + " must be a " + (write ? "writable " : "") +
+                                    "C-contiguous float32 array");
     }
     if (array.size() != size) {
         throw std::invalid_argument(std::string(what) + " has " + std::to_string(array.size()) +
                                     " elements, the parameter " + std::to_string(size));
     }
-    return static_cast<float*>(array.mutable_data());
+    return static_cast<float*>(write ? array.mutable_data() : const_cast<void*>(array.data()));
 }
 
 void adamw_step(py::array param, py::array exp_avg, py::array exp_avg_sq, py::array grad, float scale, float beta1,
                 float beta2, float lr, float lr_wd, float bc1, float bc2, float eps, bool decay, int threads) {
     const int64_t size = param.size();
-    float* p = writable(param, "param", size);
-    float* m = writable(exp_avg, "exp_avg", size);
-    float* v = writable(exp_avg_sq, "exp_avg_sq", size);
-    if (!py::isinstance<py::array_t<float>>(grad) || !(grad.flags() & py::array::c_style) || grad.size() != size) {
-        throw std::invalid_argument("grad must be a C-contiguous float32 array of the parameter's size");
-    }
-    const float* g = static_cast<const float*>(grad.data());
+    float* p = checked(param, "param", size, true);
+    float* m = checked(exp_avg, "exp_avg", size, true);
+    float* v = checked(exp_avg_sq, "exp_avg_sq", size, true);
+    const float* g = checked(grad, "grad", size, false);
     const Scalars s{scale, beta1, 1.0f - beta1, beta2, 1.0f - beta2, lr_wd, lr, bc1, bc2, eps, decay};
     const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, size / (1 << 16) + 1));
     py::gil_scoped_release release;

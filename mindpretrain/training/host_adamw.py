@@ -1,7 +1,7 @@
-"""The AdamW step of the largest parameters of a CPU run, done in place on their host memory.
+"""The AdamW step of a CPU run's float32 parameters, done in place on their host memory.
 
 On CPU a MindSpore Parameter (and a compiled graph's output tensor) lives in host memory that `asnumpy()` views
-without a copy, and compiled graphs read the Parameter from that same memory. So the update of a huge parameter
+without a copy, and compiled graphs read the Parameter from that same memory. So the update of a parameter
 needs no kernel and no temporary: one fused float32 loop (`host_adamw.cpp`, threads over ranges; the NumPy
 fallback below does the same operations in chunks when the extension is not built) rewrites the parameter and its
 two moments in place. Measured on a 1.46 GiB model (129280 x 1024 vocabulary matrices, CPU GRAPH, seq 256, the

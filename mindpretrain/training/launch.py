@@ -133,8 +133,8 @@ def _attach_expert_layout(plan, parallel_config, model_config, device_target, ra
     """Experts split over the ranks: under data parallelism the model builds only this rank's slice
     (expert_groups.py); under semi-auto parallel it stores them stacked for the shard strategies to split, and
     the dropless dispatch gets this rank's exchange group (exchanged_experts.py)."""
-    from mindpretrain.parallel.plan import SEMI_AUTO_PARALLEL, expert_exchange_for, expert_layout_for, \
-        semi_auto_moe_dispatch
+    from mindpretrain.parallel.plan import expert_exchange_for, expert_layout_for, semi_auto_moe_dispatch, \
+        splits_experts_by_semi_auto
 
     layout = expert_layout_for(plan, parallel_config, model_config, device_target)
     model_config.expert_layout = layout
@@ -142,8 +142,7 @@ def _attach_expert_layout(plan, parallel_config, model_config, device_target, ra
     model_config.moe_dispatch = dispatch
     exchange = expert_exchange_for(plan, parallel_config, model_config, rank)
     model_config.expert_exchange = exchange
-    if dispatch in ("capacity", "grouped_matmul") and plan.mode == SEMI_AUTO_PARALLEL and \
-            parallel_config.expert_parallel > 1:
+    if splits_experts_by_semi_auto(plan, parallel_config, model_config):
         # moe_config.use_gmm (and capacity_factor for the capacity dispatch) now act: out of the no-effect notice
         acting = ("use_gmm", "capacity_factor") if dispatch == "capacity" else ("use_gmm",)
         model_config.no_effect_keys = tuple(key for key in getattr(model_config, "no_effect_keys", ())

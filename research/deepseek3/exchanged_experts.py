@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindpretrain.validation import require
+from research.deepseek3.moe import _with_zero_row, grouped_swiglu
 
 
 def stable_order(keys):
@@ -48,9 +49,7 @@ def local_expert_rows(rows, local_ids, gate_weights, up_weights, down_weights, g
     counts = ops.one_hot(local_ids, num_local, ms.Tensor(1, ms.int32), ms.Tensor(0, ms.int32)).sum(0)
     group_list = ops.stop_gradient(ops.cast(ops.cumsum(counts, 0), ms.int64))
     x = ops.gather(ops.cast(rows, compute_dtype), order, 0)
-    gate = grouped_matmul(x, ops.transpose(gate_weights, (0, 2, 1)), group_list)
-    up = grouped_matmul(x, ops.transpose(up_weights, (0, 2, 1)), group_list)
-    y = grouped_matmul(ops.silu(gate) * up, ops.transpose(down_weights, (0, 2, 1)), group_list)
+    y = grouped_swiglu(grouped_matmul, x, gate_weights, up_weights, down_weights, group_list)
     return ops.gather(y, inverse, 0)
 
 
@@ -74,8 +73,7 @@ def send_side(tokens, topk_idx, num_experts, world, top_k):
     source = ops.concat((ops.arange(0, assignments, dtype=ms.int32) // top_k,
                          ops.full((num_experts,), tokens.shape[0], dtype=ms.int32)))
     order, inverse, counts = send_plan(flat_idx, num_experts // world, world)
-    padded = ops.concat((tokens, ops.zeros((1, tokens.shape[1]), tokens.dtype)))
-    rows = ops.gather(padded, ops.gather(source, order, 0), 0)
+    rows = ops.gather(_with_zero_row(tokens, tokens.dtype), ops.gather(source, order, 0), 0)
     return rows, ops.gather(flat_idx, order, 0), counts, inverse
 
 

@@ -26,7 +26,7 @@ from mindspore import nn, ops
 
 from mindpretrain.utils.logging import get_logger
 from research.deepseek3.flash_attention import FlashAttentionCore
-from research.deepseek3.layers import Linear, RMSNorm, broadcasts_explicitly, expand_to, ms_dtype
+from research.deepseek3.layers import Linear, RMSNorm, broadcasts_explicitly, expand_to, ms_dtype, split_last
 from research.deepseek3.rope import apply_rotary, softmax_scale
 
 logger = get_logger("deepseek3.attention")
@@ -192,14 +192,7 @@ class MultiHeadLatentAttention(nn.Cell):
         self.k_concat = ops.Concat(-1)
         self.shard_ops = {"q_concat": "attention.qk_concat", "k_concat": "attention.qk_concat"}
         self.core = attention_core(model_config)
-        self.explicit_broadcast = broadcasts_explicitly()
-
-    def _split(self, x, first, second):
-        """x [..., first + second] -> its two parts. In compiled CPU graphs through Split (Slice kernels): the
-        StridedSlice of `x[..., :first]` took ~0.6 ms per call on the benchmark's shapes; elsewhere as slices."""
-        if self.explicit_broadcast:
-            return ops.split(x, (first, second), -1)
-        return x[..., :first], x[..., first:]
+        self.explicit_broadcast = broadcasts_explicitly()     # compiled CPU graphs: also Split for the splits
 
     def construct(self, x, cos, sin, mask):
         batch, seq, _ = x.shape
@@ -208,15 +201,17 @@ class MultiHeadLatentAttention(nn.Cell):
         else:
             query = self.q_proj(x)
         query = query.reshape(batch, seq, self.num_heads, self.nope_dim + self.rope_dim).transpose(0, 2, 1, 3)
-        q_nope, q_rope = self._split(query, self.nope_dim, self.rope_dim)
+        q_nope, q_rope = split_last(query, self.nope_dim, self.rope_dim, self.explicit_broadcast)
         q_rope = apply_rotary(q_rope, cos, sin, self.interleave, self.explicit_broadcast)
 
-        latent, k_rope = self._split(self.kv_a_proj_with_mqa(x), self.kv_lora_rank, self.rope_dim)
+        latent, k_rope = split_last(self.kv_a_proj_with_mqa(x), self.kv_lora_rank, self.rope_dim,
+                                    self.explicit_broadcast)
         latent = self.kv_a_layernorm(latent)
         k_rope = apply_rotary(k_rope.reshape(batch, 1, seq, self.rope_dim), cos, sin, self.interleave,
                               self.explicit_broadcast)
         kv = self.kv_b_proj(latent).reshape(batch, seq, self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, value = self._split(kv.transpose(0, 2, 1, 3), self.nope_dim, self.v_dim)
+        k_nope, value = split_last(kv.transpose(0, 2, 1, 3), self.nope_dim, self.v_dim,
+                                    self.explicit_broadcast)
 
         query = self.q_concat((q_nope, q_rope))
         key = self.k_concat((k_nope, ops.broadcast_to(k_rope, (batch, self.num_heads, seq, self.rope_dim))))

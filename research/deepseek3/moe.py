@@ -18,7 +18,6 @@ from mindpretrain.validation import require
 from research.deepseek3.capacity_dispatch import DEFAULT_CAPACITY_FACTOR, CapacityExperts
 from research.deepseek3.deepseek3_config import BALANCE_LOSS_KINDS, MOE_DISPATCHES
 from research.deepseek3.dense_dispatch import DenseExperts, dense_is_leaner
-from research.deepseek3.exchanged_experts import ExchangedGroupedExperts
 from research.deepseek3.layers import SwiGLU, broadcasts_explicitly, expand_to, ms_dtype, normal_weight
 
 
@@ -253,6 +252,14 @@ def grouped_matmul_footprint(tokens, top_k, num_experts, hidden_size, intermedia
                 stacked_weight_elements=3 * num_experts * hidden_size * intermediate_size)
 
 
+def grouped_swiglu(grouped_matmul, x_sorted, gate_weights, up_weights, down_weights, group_list):
+    """Rows sorted by expert [M, H] -> each row's expert SwiGLU [M, H]: three grouped matmuls over the [E, out, in]
+    weights (transposed to the kernel's [E, in, out]), `group_list` the cumulative row ends."""
+    gate = grouped_matmul(x_sorted, ops.transpose(gate_weights, (0, 2, 1)), group_list)
+    up = grouped_matmul(x_sorted, ops.transpose(up_weights, (0, 2, 1)), group_list)
+    return grouped_matmul(ops.silu(gate) * up, ops.transpose(down_weights, (0, 2, 1)), group_list)
+
+
 def _with_zero_row(x, dtype):
     """x [N, H] in ``dtype`` with one zero row appended: the row padding and guard rows read (index N)."""
     return ops.concat([ops.cast(x, dtype), ops.zeros((1, x.shape[1]), dtype)], axis=0)
@@ -327,10 +334,8 @@ class GroupedMatmulExperts(nn.Cell):
         """Same arguments as `BlockSparseExperts` -> (y_sorted [N*K+E, H], row_of [N*K])."""
         source, row_of, group_list = expert_sorted_layout(selected, counts, self.top_k)
         x_sorted = ops.gather(_with_zero_row(x, self.compute_dtype), source, 0)   # [N*K+E, H]
-        gate = self.grouped_matmul(x_sorted, ops.transpose(gate_weights, (0, 2, 1)), group_list)
-        up = self.grouped_matmul(x_sorted, ops.transpose(up_weights, (0, 2, 1)), group_list)
-        y_sorted = self.grouped_matmul(ops.silu(gate) * up, ops.transpose(down_weights, (0, 2, 1)), group_list)
-        return y_sorted, row_of
+        return grouped_swiglu(self.grouped_matmul, x_sorted, gate_weights, up_weights, down_weights,
+                              group_list), row_of
 
 
 class DeepseekV3MoE(nn.Cell):
@@ -394,6 +399,8 @@ class DeepseekV3MoE(nn.Cell):
             self.expert_dispatcher = make_dispatcher(self.expert_layout, self.top_k, self.block_size,
                                                      self.compute_dtype)
         if self.exchanged:                          # research/deepseek3/exchanged_experts.py (dropless, E/ep)
+            from research.deepseek3.exchanged_experts import ExchangedGroupedExperts   # imports this module
+
             self.routed_compute = ExchangedGroupedExperts(model_config.expert_exchange, self.num_experts, self.top_k,
                                                           grouped_matmul, self.compute_dtype)
         elif self.dispatch == "grouped_matmul":

@@ -21,7 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from research.deepseek3.layers import expand_to
+from research.deepseek3.layers import expand_to, split_last
 
 
 def yarn_mscale(scale, mscale=1.0):
@@ -105,10 +105,8 @@ def apply_rotary(x, cos, sin, interleave, explicit_broadcast=False):
     elif interleave:
         pairs = x.reshape(x.shape[:-1] + (half, 2))
         first, second = pairs[..., 0], pairs[..., 1]
-    elif explicit_broadcast:
-        first, second = ops.split(x, half, -1)
     else:
-        first, second = x[..., :half], x[..., half:]
+        first, second = split_last(x, half, half, explicit_broadcast)
     cos = expand_to(ops.cast(cos, x.dtype), first.shape, explicit_broadcast)
     sin = expand_to(ops.cast(sin, x.dtype), first.shape, explicit_broadcast)
     return ops.concat((first * cos - second * sin, second * cos + first * sin), -1)
