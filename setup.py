@@ -1,5 +1,5 @@
-"""Installs the core package `mindpretrain`, the DeepSeek-V3 plugin, the C++ dataset index helpers and the C++
-host AdamW step.
+"""Installs the core package `mindpretrain`, the DeepSeek-V3 plugin, the C++ dataset index helpers, the C++
+host AdamW step and the fused cross-entropy kernels of the CPU head.
 
 The index helpers are a pybind11 extension because the sample index of a billion-token corpus is a
 sequential walk over every document that pure Python cannot do in seconds. When the extension
@@ -24,6 +24,15 @@ ext_modules = [
         ["mindpretrain/training/host_adamw.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
+        extra_link_args=["-pthread"],
+    ),
+    # The fused log-softmax-at-label kernels of the head's cross-entropy on CPU (mindpretrain/kernels/): loaded
+    # by MindSpore as custom "aot" ops from this module's file.
+    Pybind11Extension(
+        "mindpretrain.kernels._label_log_prob",
+        ["mindpretrain/kernels/label_log_prob.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-pthread", "-Wno-psabi"],
         extra_link_args=["-pthread"],
     ),
 ]

@@ -8,10 +8,9 @@ two moments in place. Measured on a 1.46 GiB model (129280 x 1024 vocabulary mat
 trainer's cells): the process peaks at 7154 MiB with the host update against 9163 MiB with the compiled update
 (9672 before the gradient norm lost its temporaries); the 1B YAML trains at 21263 MiB (docs/planner.md).
 """
-import os
-
 import numpy as np
 
+from mindpretrain.utils.threads import default_threads
 from mindpretrain.validation import require
 
 try:
@@ -30,12 +29,6 @@ def host_view(tensor, what):
             and array.flags.c_contiguous, what, getattr(tensor, "name", type(tensor).__name__),
             "must be a float32 CPU tensor whose memory NumPy can view and write for the host update")
     return array.reshape(-1)
-
-
-def default_threads():
-    """Threads of the host update: the run's OMP_NUM_THREADS, else every core."""
-    configured = os.environ.get("OMP_NUM_THREADS", "")
-    return int(configured) if configured.isdigit() and int(configured) > 0 else (os.cpu_count() or 1)
 
 
 def adamw_step(param, exp_avg, exp_avg_sq, grad, scalars, decay, threads=None, use_extension=True):

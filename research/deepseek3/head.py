@@ -13,11 +13,14 @@ a 66 MB one.
 Peak-memory measurements and the alternatives tried and rejected: research/deepseek3/README.md.
 
 The per-token arithmetic is the same either way (matmul in the compute dtype, float32 log-softmax, gather of
-the label's log-probability); chunks only split the sum over tokens into partial sums.
+the label's log-probability); chunks only split the sum over tokens into partial sums. On CPU the log-softmax
+and the gather of a chunk are one fused kernel each way (mindpretrain/kernels/label_log_prob.py); elsewhere,
+LogSoftmax + GatherD, which the shard strategies describe.
 """
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from mindpretrain.kernels.label_log_prob import fused_label_log_prob
 from research.deepseek3.layers import ms_dtype, normal_weight
 
 # Largest chunk of logits, in elements, computed at once (64 MB of fp32; None: one chunk); at most MAX_CHUNKS.
@@ -48,6 +51,7 @@ class HeadCrossEntropy(nn.Cell):
         self.logits_matmul = ops.MatMul(transpose_b=True)           # [c, H] x [V, H]^T
         self.log_softmax = ops.LogSoftmax(-1)
         self.pick = ops.GatherD()
+        self.fused_pick = fused_label_log_prob()                    # None off CPU: LogSoftmax + GatherD
         self.shard_ops = {"logits_matmul": "lm_head", "log_softmax": "loss.log_softmax", "pick": "loss.nll_gather"}
 
     def construct(self, tokens, weight, labels, weights):
@@ -59,7 +63,9 @@ class HeadCrossEntropy(nn.Cell):
         count = tokens.shape[0]
         weight_elements = self.vocab_size * tokens.shape[1] if self.floor_at_weight_gradient else 0
         chunk = loss_chunk_size(count, self.vocab_size, self.chunk_elements, weight_elements=weight_elements)
-        safe = ops.clamp(labels, 0, self.vocab_size - 1).reshape(-1, 1)
+        safe = ops.clamp(labels, 0, self.vocab_size - 1)
+        if self.fused_pick is not None and safe.dtype != ms.int32:
+            safe = ops.cast(safe, ms.int32)
         picked = ()
         previous = Tensor(0.0, ms.float32)
         for start in range(0, count, chunk):
@@ -67,9 +73,15 @@ class HeadCrossEntropy(nn.Cell):
             logits = self.logits_matmul(rows, weight)
             if logits.dtype != ms.float32:
                 logits = ops.cast(logits, ms.float32)
-            previous = self.pick(self.log_softmax(logits), 1, safe[start:start + chunk]).reshape(-1)
+            previous = self._pick_log_probs(logits, safe[start:start + chunk])
             picked = picked + (previous,)
         return picked[0] if len(picked) == 1 else ops.concat(picked)
+
+    def _pick_log_probs(self, logits, labels):
+        """float32 [c]: log_softmax(logits [c, V])[labels [c]]."""
+        if self.fused_pick is not None:
+            return self.fused_pick(logits, labels)[0]
+        return self.pick(self.log_softmax(logits), 1, labels.reshape(-1, 1)).reshape(-1)
 
 
 class OutputHead(nn.Cell):

@@ -1,0 +1,1 @@
+"""The project's own CPU kernels for MindSpore graphs (custom "aot" ops built by setup.py)."""
