@@ -1,5 +1,5 @@
 """Installs the core package `mindpretrain`, the DeepSeek-V3 plugin, the C++ dataset index helpers, the C++
-host AdamW step and the fused cross-entropy kernels of the CPU head.
+host AdamW step and the fused CPU kernels (the head's cross-entropy, RMSNorm).
 
 The index helpers are a pybind11 extension because the sample index of a billion-token corpus is a
 sequential walk over every document that pure Python cannot do in seconds. When the extension
@@ -26,14 +26,16 @@ ext_modules = [
         extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
         extra_link_args=["-pthread"],
     ),
-    # The fused log-softmax-at-label kernels of the head's cross-entropy on CPU (mindpretrain/kernels/): loaded
-    # by MindSpore as custom "aot" ops from this module's file.
+    # The project's CPU kernels for compiled graphs (mindpretrain/kernels/: the head's cross-entropy, RMSNorm):
+    # loaded by MindSpore as custom "aot" ops from this module's file.
     Pybind11Extension(
-        "mindpretrain.kernels._label_log_prob",
-        ["mindpretrain/kernels/label_log_prob.cpp"],
+        "mindpretrain.kernels._cpu_kernels",
+        ["mindpretrain/kernels/module.cpp", "mindpretrain/kernels/label_log_prob.cpp",
+         "mindpretrain/kernels/rms_norm.cpp"],
+        include_dirs=["mindpretrain/kernels"],
         cxx_std=17,
         extra_compile_args=["-O3", "-pthread", "-Wno-psabi"],
-        extra_link_args=["-pthread"],
+        extra_link_args=["-pthread", "-ldl"],
     ),
 ]
 

@@ -7,46 +7,72 @@ forward + backward against 36 ms fused on a 2-core AVX2 machine (numbers and com
 README.md). The forward keeps only each row's log-sum-exp beside the logits; the backward writes
 dout * (onehot - softmax) in one pass.
 
-`fused_label_log_prob()` gives the op, or None where it does not apply, and the caller keeps LogSoftmax +
-GatherD then: off CPU (Ascend has its own fused kernels, and the head's shard strategies describe the two ops)
-or when the extension was not built. The two agree within float32 rounding (tests/kernels/).
+`fused_head_label_log_prob()` goes one step further: the head's matmul and the label log-prob in one op, whose
+matmuls (logits forward; d tokens and d weight backward) call oneDNN's sgemm from the libdnnl that MindSpore
+ships, split over threads, and the [tokens, vocab] gradient of the logits never enters MindSpore's memory pool.
+
+Both give None where they do not apply (`aot.available()`; the head op also needs oneDNN's sgemm), and the
+caller keeps MatMul + LogSoftmax + GatherD then. They agree with the unfused ops within float32 rounding
+(tests/kernels/).
 """
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
 
-from mindpretrain.utils.threads import default_threads
-
-try:
-    from mindpretrain.kernels import _label_log_prob
-except ImportError:          # extension not built: callers fall back to LogSoftmax + GatherD
-    _label_log_prob = None
-
-
-def _kernel(symbol):
-    return f"{_label_log_prob.__file__}:{symbol}"
+from mindpretrain.kernels import aot
 
 
 def _per_row(logits_shape, *_):
     return (logits_shape[0],)
 
 
-def available():
-    """Whether the fused op can run here: the extension is built and the graph runs on CPU."""
-    return _label_log_prob is not None and ms.get_context("device_target") == "CPU"
+class FusedLabelLogProb(nn.Cell):
+    """(logits float32 [R, V], labels int32 [R] in [0, V)) -> log_softmax(logits)[label] [R], differentiable in
+    the logits."""
+
+    def __init__(self, threads=None):
+        super().__init__()
+        backward = aot.custom_op("LabelLogProbBackward", lambda logits, *_: logits, lambda logits, *_: logits,
+                                 threads=threads)
+
+        def bprop(logits, labels, out, dout):
+            return backward(logits, labels, out[1], dout[0]), ops.zeros_like(labels)
+
+        self.forward = aot.custom_op("LabelLogProbForward",
+                                     lambda logits, labels: (_per_row(logits), _per_row(logits)),
+                                     lambda logits, labels: (ms.float32, ms.float32), bprop, threads)
+
+    def construct(self, logits, labels):
+        return self.forward(logits, labels)[0]
+
+
+class FusedHeadLabelLogProb(nn.Cell):
+    """(tokens float32 [R, H], weight float32 [V, H], labels int32 [R] in [0, V)) ->
+    log_softmax(tokens @ weight^T)[label] [R], differentiable in the tokens and the weight."""
+
+    def __init__(self, threads=None):
+        super().__init__()
+        backward = aot.custom_op("HeadLabelLogProbBackward", lambda tokens, weight, *_: (tokens, weight),
+                                 lambda tokens, weight, *_: (tokens, weight), threads=threads)
+
+        def bprop(tokens, weight, labels, out, dout):
+            dtokens, dweight = backward(tokens, weight, labels, out[2], out[1], dout[0])
+            return dtokens, dweight, ops.zeros_like(labels)
+
+        # outputs: the label log-probs, the rows' log-sum-exp and the logits (both kept for the backward)
+        self.forward = aot.custom_op(
+            "HeadLabelLogProbForward",
+            lambda tokens, weight, labels: (_per_row(tokens), _per_row(tokens), (tokens[0], weight[0])),
+            lambda tokens, *_: (ms.float32, ms.float32, ms.float32), bprop, threads)
+
+    def construct(self, tokens, weight, labels):
+        return self.forward(tokens, weight, labels)[0]
 
 
 def fused_label_log_prob(threads=None):
-    """A primitive (logits float32 [R, V], labels int32 [R] in [0, V)) -> (log_softmax(logits)[label] [R],
-    log-sum-exp [R]), differentiable in the logits; None when not `available()`."""
-    if not available():
-        return None
-    _label_log_prob.set_threads(int(threads or default_threads()))
-    backward = ops.Custom(_kernel("LabelLogProbBackward"), out_shape=lambda logits, *_: logits,
-                          out_dtype=lambda logits, *_: logits, func_type="aot")
+    """A `FusedLabelLogProb` cell, or None when not `aot.available()`."""
+    return FusedLabelLogProb(threads) if aot.available() else None
 
-    def bprop(logits, labels, out, dout):
-        return backward(logits, labels, out[1], dout[0]), ops.zeros_like(labels)
 
-    return ops.Custom(_kernel("LabelLogProbForward"),
-                      out_shape=lambda logits, labels: (_per_row(logits), _per_row(logits)),
-                      out_dtype=lambda logits, labels: (ms.float32, ms.float32), func_type="aot", bprop=bprop)
+def fused_head_label_log_prob(threads=None):
+    """A `FusedHeadLabelLogProb` cell, or None when not `aot.available()` or oneDNN's sgemm is not found."""
+    return FusedHeadLabelLogProb(threads) if aot.available() and aot.sgemm_loaded() else None

@@ -20,7 +20,7 @@ LogSoftmax + GatherD, which the shard strategies describe.
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindpretrain.kernels.label_log_prob import fused_label_log_prob
+from mindpretrain.kernels.label_log_prob import fused_head_label_log_prob, fused_label_log_prob
 from research.deepseek3.layers import ms_dtype, normal_weight
 
 # Largest chunk of logits, in elements, computed at once (64 MB of fp32; None: one chunk); at most MAX_CHUNKS.
@@ -52,6 +52,7 @@ class HeadCrossEntropy(nn.Cell):
         self.log_softmax = ops.LogSoftmax(-1)
         self.pick = ops.GatherD()
         self.fused_pick = fused_label_log_prob()                    # None off CPU: LogSoftmax + GatherD
+        self.fused_head = fused_head_label_log_prob()               # float32 matmul + pick in one op (CPU)
         self.shard_ops = {"logits_matmul": "lm_head", "log_softmax": "loss.log_softmax", "pick": "loss.nll_gather"}
 
     def construct(self, tokens, weight, labels, weights):
@@ -64,23 +65,26 @@ class HeadCrossEntropy(nn.Cell):
         weight_elements = self.vocab_size * tokens.shape[1] if self.floor_at_weight_gradient else 0
         chunk = loss_chunk_size(count, self.vocab_size, self.chunk_elements, weight_elements=weight_elements)
         safe = ops.clamp(labels, 0, self.vocab_size - 1)
-        if self.fused_pick is not None and safe.dtype != ms.int32:
+        if (self.fused_pick is not None or self.fused_head is not None) and safe.dtype != ms.int32:
             safe = ops.cast(safe, ms.int32)
         picked = ()
         previous = Tensor(0.0, ms.float32)
         for start in range(0, count, chunk):
             rows = ops.depend(tokens[start:start + chunk], previous)   # run the chunks in order, one at a time
-            logits = self.logits_matmul(rows, weight)
-            if logits.dtype != ms.float32:
-                logits = ops.cast(logits, ms.float32)
-            previous = self._pick_log_probs(logits, safe[start:start + chunk])
+            previous = self._chunk_log_probs(rows, weight, safe[start:start + chunk])
             picked = picked + (previous,)
         return picked[0] if len(picked) == 1 else ops.concat(picked)
 
-    def _pick_log_probs(self, logits, labels):
-        """float32 [c]: log_softmax(logits [c, V])[labels [c]]."""
+    def _chunk_log_probs(self, rows, weight, labels):
+        """float32 [c]: log_softmax(rows [c, H] @ weight^T)[labels [c]]: one fused op for float32 on CPU, else
+        MatMul, then the fused pick (CPU) or LogSoftmax + GatherD."""
+        if self.fused_head is not None and rows.dtype == ms.float32 and weight.dtype == ms.float32:
+            return self.fused_head(rows, weight, labels)
+        logits = self.logits_matmul(rows, weight)
+        if logits.dtype != ms.float32:
+            logits = ops.cast(logits, ms.float32)
         if self.fused_pick is not None:
-            return self.fused_pick(logits, labels)[0]
+            return self.fused_pick(logits, labels)
         return self.pick(self.log_softmax(logits), 1, labels.reshape(-1, 1)).reshape(-1)
 
 

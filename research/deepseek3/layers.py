@@ -13,6 +13,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from mindpretrain.kernels.rms_norm import fused_rms_norm
+
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
@@ -142,15 +144,20 @@ class RMSNorm(nn.Cell):
         self.weight_mul = ops.Mul()
         self.explicit_broadcast = broadcasts_explicitly()
         fp32 = self.norm_dtype == ms.float32 and ms_dtype(model_config.param_init_type) == ms.float32
-        self.expanded_core = ExpandedRMSNormCore(self.eps) if self.explicit_broadcast and fp32 else None
+        # float32 in compiled CPU graphs: the fused kernels where built, else the expanded form
+        self.float32_core = None
+        if self.explicit_broadcast and fp32:
+            self.float32_core = fused_rms_norm(self.eps)
+            if self.float32_core is None:
+                self.float32_core = ExpandedRMSNormCore(self.eps)
         self.shard_ops = {"square": f"{shard_kind}.square", "mean": f"{shard_kind}.mean",
                           "eps_add": f"{shard_kind}.eps_add", "rsqrt": f"{shard_kind}.rsqrt",
                           "normalise": f"{shard_kind}.normalise", "weight_mul": shard_kind}
 
     def construct(self, x):
         input_dtype = x.dtype
-        if self.expanded_core is not None and input_dtype == ms.float32:
-            return self.expanded_core(x, self.weight)
+        if self.float32_core is not None and input_dtype == ms.float32:
+            return self.float32_core(x, self.weight)
         upcast = x if input_dtype == self.norm_dtype else ops.cast(x, self.norm_dtype)
         variance = self.mean(self.square(upcast), -1)
         factor = expand_to(self.rsqrt(self.eps_add(variance, self.eps)), upcast.shape, self.explicit_broadcast)

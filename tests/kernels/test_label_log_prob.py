@@ -2,8 +2,9 @@
 
 log_softmax(x)[label] and d/dx of sum(w * it) = w * (onehot - softmax) in float32, PyNative and GRAPH mode; the
 same bits on any thread count; a NaN logit gives NaN (the trainer's NaN-loss check must still see it); a label
-outside the vocabulary is an error, not a read out of bounds; the output head takes the fused op on CPU and
-gives the LogSoftmax + GatherD path's loss and gradients.
+outside the vocabulary is an error, not a read out of bounds; the output head takes the fused ops on CPU (the
+pick alone, and the head's matmul + pick through oneDNN's sgemm) and gives the MatMul + LogSoftmax + GatherD
+path's loss and gradients.
 """
 import numpy as np
 import pytest
@@ -11,12 +12,12 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindpretrain.kernels import label_log_prob
+from mindpretrain.kernels import aot, label_log_prob
 from research.deepseek3.head import HeadCrossEntropy
 
 
 class WeightedSum(nn.Cell):
-    """sum(w * op(logits, labels)[0]) and its gradient in the logits."""
+    """sum(w * op(logits, labels)) and its gradient in the logits."""
 
     def __init__(self, op):
         super().__init__()
@@ -24,10 +25,10 @@ class WeightedSum(nn.Cell):
         self.grad = ops.GradOperation()
 
     def loss(self, logits, labels, weights):
-        return (self.op(logits, labels)[0] * weights).sum()
+        return (self.op(logits, labels) * weights).sum()
 
     def construct(self, logits, labels, weights):
-        return self.op(logits, labels)[0], self.grad(self.loss)(logits, labels, weights)
+        return self.op(logits, labels), self.grad(self.loss)(logits, labels, weights)
 
 
 def reference(logits, labels, weights):
@@ -60,7 +61,7 @@ def batch(rows=37, vocab=1003, scale=3.0, seed=0):
 
 
 def fused(threads=2):
-    assert label_log_prob.available(), "the _label_log_prob extension is not built (pip install -e . builds it)"
+    assert aot.available(), "the _cpu_kernels extension is not built (pip install -e . builds it)"
     return label_log_prob.fused_label_log_prob(threads=threads)
 
 
@@ -98,23 +99,40 @@ def test_a_label_outside_the_vocabulary_is_refused():
         run(fused(), logits, labels, weights)
 
 
-def test_the_head_takes_the_fused_op_on_cpu_and_matches_log_softmax_gather():
-    """HeadCrossEntropy in chunks (3 chunks of 8 tokens), fused vs LogSoftmax + GatherD: loss and gradients."""
+def head_loss_and_grads(variant, tokens, weight, labels, mask):
+    """HeadCrossEntropy in chunks of 8 tokens: "head" (matmul + pick fused), "pick" (MatMul, then the fused
+    pick) or "plain" (MatMul + LogSoftmax + GatherD): loss, d tokens, d weight."""
+    head = HeadCrossEntropy(weight.shape[0], chunk_elements=8 * weight.shape[0])
+    head.floor_at_weight_gradient = False
+    assert head.fused_head is not None and head.fused_pick is not None
+    if variant != "head":
+        head.fused_head = None
+    if variant == "plain":
+        head.fused_pick = None
+    inputs = (Tensor(tokens), Tensor(weight), Tensor(labels), Tensor(mask))
+    grads = ops.GradOperation(get_all=True)(head)(*inputs)
+    return head(*inputs).asnumpy(), grads[0].asnumpy(), grads[1].asnumpy()
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+def test_the_head_takes_the_fused_ops_on_cpu_and_matches_matmul_log_softmax_gather(mode):
+    """Three chunks of 8 tokens, a vocabulary of 50 (no multiple of the kernels' lanes), 20 % masked."""
     rng = np.random.RandomState(1)
     tokens, weight = rng.randn(24, 16).astype(np.float32), (rng.randn(50, 16) * 0.5).astype(np.float32)
     labels = rng.randint(0, 50, 24).astype(np.int32)
     mask = (rng.rand(24) > 0.2).astype(np.float32)
-    results = []
-    for use_fused in (True, False):
-        head = HeadCrossEntropy(50, chunk_elements=8 * 50)
-        head.floor_at_weight_gradient = False
-        assert head.fused_pick is not None
-        if not use_fused:
-            head.fused_pick = None
-        grads = ops.GradOperation(get_all=True)(head)(Tensor(tokens), Tensor(weight), Tensor(labels), Tensor(mask))
-        results.append((head(Tensor(tokens), Tensor(weight), Tensor(labels), Tensor(mask)).asnumpy(),
-                        grads[0].asnumpy(), grads[1].asnumpy()))
-    (fused_loss, fused_dx, fused_dw), (plain_loss, plain_dx, plain_dw) = results
-    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-6)
-    np.testing.assert_allclose(fused_dx, plain_dx, atol=1e-5)      # sums of 50 products of order 0.1
-    np.testing.assert_allclose(fused_dw, plain_dw, atol=1e-5)
+    # the reference in PyNative: MindSpore 2.10's GRAPH compile of GatherD's bprop fails now and then in a
+    # process that compiled other variants of the cell before ("Bprop GatherDGradV2 ... pointer is null")
+    results = {"plain": head_loss_and_grads("plain", tokens, weight, labels, mask)}
+    ms.set_context(mode=mode)
+    try:
+        results.update({variant: head_loss_and_grads(variant, tokens, weight, labels, mask)
+                        for variant in ("head", "pick")})
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    plain_loss, plain_dx, plain_dw = results["plain"]
+    for variant in ("head", "pick"):
+        loss, dx, dw = results[variant]
+        np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+        np.testing.assert_allclose(dx, plain_dx, atol=1e-5)      # sums of 50 products of order 0.1
+        np.testing.assert_allclose(dw, plain_dw, atol=1e-5)

@@ -421,7 +421,7 @@ def test_explicit_broadcasts_compute_the_same_losses_and_gradients(tiny_model):
         for cell in cells:
             cell.explicit_broadcast = explicit
             if isinstance(cell, RMSNorm):                  # float32 norms then take the hand-written backward
-                cell.expanded_core = ExpandedRMSNormCore(cell.eps) if explicit else None
+                cell.float32_core = ExpandedRMSNormCore(cell.eps) if explicit else None
         (loss, lm_loss, mtp_loss, _, _), grads = ms.value_and_grad(
             lambda *batch: tiny_model(*batch), None, weights, has_aux=True)(ids, labels, mask)
         return [float(value.asnumpy()) for value in (loss, lm_loss, mtp_loss)], [grad.asnumpy() for grad in grads]
