@@ -17,7 +17,8 @@ Run at least 2 steps: the zero-initialised AdamW moments only become resident in
 from the second step on does the forward/backward run with all optimizer state in memory.
 The 1B run's tensors are 19.5 GiB; the planner, counting the CPU process too, says 20.05 GiB, and on a 24 GiB
 machine the run trains its 10 steps at a peak of 21263 MiB, ~11.7 s per step (docs/planner.md; before the
-optimizer step moved to the host it was killed in its second step). Check the script with the tiny config first:
+optimizer step moved to the host it was killed in its second step); with the CPU kernels of mindpretrain/kernels/
+20825 MiB on a slower machine (53-55 s per step there). Check the script with the tiny config first:
     --config configs/deepseek3/pretrain_deepseek3_tiny_cpu.yaml --steps 2 --output /tmp/tiny_memory.json
 """
 import argparse

@@ -7,8 +7,8 @@
 // here the forward makes one pass (row max, then the sum of exp: two reads) and keeps only the row's log-sum-exp,
 // and the backward writes d logits = dout * (onehot(label) - exp(logits - lse)) in one pass. The exp is the
 // vectorised one of cpu_kernels.h (all its arguments are x - max <= 0). Rows are split over threads; each
-// row's sums run in a fixed order, so the label log-probs do not depend on the thread count (the head's matmuls are split over
-// output ranges, each computed by one single-threaded sgemm call).
+// row's sums run in a fixed order, so the label log-probs do not depend on the thread count (the head's
+// matmuls are split over output ranges, each computed by one single-threaded sgemm call).
 #include "cpu_kernels.h"
 
 using namespace cpu_kernels;

@@ -23,6 +23,9 @@ from mindspore import Tensor, nn, ops
 from mindpretrain.kernels.label_log_prob import fused_head_label_log_prob, fused_label_log_prob
 from research.deepseek3.layers import ms_dtype, normal_weight
 
+# Widest hidden size the fused head op (matmul + pick through oneDNN's sgemm) takes on CPU: it won at 256 (the
+# benchmark model) and lost ~10 % at 2048 (the 1B head) against MatMul + the fused pick (research/deepseek3/README.md).
+FUSED_HEAD_MAX_HIDDEN = 512
 # Largest chunk of logits, in elements, computed at once (64 MB of fp32; None: one chunk); at most MAX_CHUNKS.
 CHUNK_ELEMENTS = 16 * 1024 * 1024
 MAX_CHUNKS = 16
@@ -76,9 +79,10 @@ class HeadCrossEntropy(nn.Cell):
         return picked[0] if len(picked) == 1 else ops.concat(picked)
 
     def _chunk_log_probs(self, rows, weight, labels):
-        """float32 [c]: log_softmax(rows [c, H] @ weight^T)[labels [c]]: one fused op for float32 on CPU, else
-        MatMul, then the fused pick (CPU) or LogSoftmax + GatherD."""
-        if self.fused_head is not None and rows.dtype == ms.float32 and weight.dtype == ms.float32:
+        """float32 [c]: log_softmax(rows [c, H] @ weight^T)[labels [c]]: one fused op for float32 on CPU up to
+        FUSED_HEAD_MAX_HIDDEN, else MatMul, then the fused pick (CPU) or LogSoftmax + GatherD."""
+        if self.fused_head is not None and rows.shape[-1] <= FUSED_HEAD_MAX_HIDDEN and rows.dtype == ms.float32 \
+                and weight.dtype == ms.float32:
             return self.fused_head(rows, weight, labels)
         logits = self.logits_matmul(rows, weight)
         if logits.dtype != ms.float32:
