@@ -16,6 +16,8 @@ try:
     from mindpretrain.kernels import _cpu_kernels
 except ImportError:          # extension not built: callers keep the unfused MindSpore ops
     _cpu_kernels = None
+else:
+    _cpu_kernels.set_threads(default_threads())
 
 _SGEMM = None                # whether oneDNN's sgemm was found (looked up once)
 
@@ -34,9 +36,13 @@ def sgemm_loaded():
     return _SGEMM
 
 
-def custom_op(symbol, out_shape, out_dtype, bprop=None, threads=None):
-    """A MindSpore custom aot primitive running `symbol` of the extension on `threads` (the run's kernel threads
-    by default)."""
-    _cpu_kernels.set_threads(int(threads or default_threads()))
+def set_threads(threads):
+    """Threads every kernel of the extension splits its work over (one setting for the process; the run's
+    OMP_NUM_THREADS, else every core, from import on)."""
+    _cpu_kernels.set_threads(int(threads))
+
+
+def custom_op(symbol, out_shape, out_dtype, bprop=None):
+    """A MindSpore custom aot primitive running `symbol` of the extension."""
     return ops.Custom(f"{_cpu_kernels.__file__}:{symbol}", out_shape=out_shape, out_dtype=out_dtype,
                       func_type="aot", bprop=bprop)

@@ -176,11 +176,11 @@ AOT_KERNEL HeadLabelLogProbBackward(int nparam, void** params, int* ndims, int64
     label_log_prob_grads(logits, labels, lse, dout, rows, vocab, dlogits.get());
     const float* grad = dlogits.get();
     std::atomic<int> failed{0};
-    over_ranges(rows, rows * hidden * 64, [&](int64_t begin, int64_t end) {   // d tokens[begin:end]
+    over_ranges(rows, rows * hidden * vocab, [&](int64_t begin, int64_t end) {   // d tokens[begin:end]
         failed |= gemm('N', 'N', end - begin, hidden, vocab, 1.0f, grad + begin * vocab, vocab, weight, hidden,
                         0.0f, dtokens + begin * hidden, hidden);
     });
-    over_ranges(vocab, vocab * hidden * 64, [&](int64_t begin, int64_t end) { // d weight[begin:end]
+    over_ranges(vocab, vocab * hidden * rows, [&](int64_t begin, int64_t end) {  // d weight[begin:end]
         failed |= gemm('T', 'N', end - begin, hidden, rows, 1.0f, grad + begin, vocab, tokens, hidden,
                         0.0f, dweight + begin * hidden, hidden);
     });

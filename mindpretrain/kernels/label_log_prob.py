@@ -29,17 +29,16 @@ class FusedLabelLogProb(nn.Cell):
     """(logits float32 [R, V], labels int32 [R] in [0, V)) -> log_softmax(logits)[label] [R], differentiable in
     the logits."""
 
-    def __init__(self, threads=None):
+    def __init__(self):
         super().__init__()
-        backward = aot.custom_op("LabelLogProbBackward", lambda logits, *_: logits, lambda logits, *_: logits,
-                                 threads=threads)
+        backward = aot.custom_op("LabelLogProbBackward", lambda logits, *_: logits, lambda logits, *_: logits)
 
         def bprop(logits, labels, out, dout):
             return backward(logits, labels, out[1], dout[0]), ops.zeros_like(labels)
 
         self.forward = aot.custom_op("LabelLogProbForward",
                                      lambda logits, labels: (_per_row(logits), _per_row(logits)),
-                                     lambda logits, labels: (ms.float32, ms.float32), bprop, threads)
+                                     lambda logits, labels: (ms.float32, ms.float32), bprop)
 
     def construct(self, logits, labels):
         return self.forward(logits, labels)[0]
@@ -49,10 +48,10 @@ class FusedHeadLabelLogProb(nn.Cell):
     """(tokens float32 [R, H], weight float32 [V, H], labels int32 [R] in [0, V)) ->
     log_softmax(tokens @ weight^T)[label] [R], differentiable in the tokens and the weight."""
 
-    def __init__(self, threads=None):
+    def __init__(self):
         super().__init__()
         backward = aot.custom_op("HeadLabelLogProbBackward", lambda tokens, weight, *_: (tokens, weight),
-                                 lambda tokens, weight, *_: (tokens, weight), threads=threads)
+                                 lambda tokens, weight, *_: (tokens, weight))
 
         def bprop(tokens, weight, labels, out, dout):
             dtokens, dweight = backward(tokens, weight, labels, out[2], out[1], dout[0])
@@ -62,17 +61,17 @@ class FusedHeadLabelLogProb(nn.Cell):
         self.forward = aot.custom_op(
             "HeadLabelLogProbForward",
             lambda tokens, weight, labels: (_per_row(tokens), _per_row(tokens), (tokens[0], weight[0])),
-            lambda tokens, *_: (ms.float32, ms.float32, ms.float32), bprop, threads)
+            lambda tokens, *_: (ms.float32, ms.float32, ms.float32), bprop)
 
     def construct(self, tokens, weight, labels):
         return self.forward(tokens, weight, labels)[0]
 
 
-def fused_label_log_prob(threads=None):
+def fused_label_log_prob():
     """A `FusedLabelLogProb` cell, or None when not `aot.available()`."""
-    return FusedLabelLogProb(threads) if aot.available() else None
+    return FusedLabelLogProb() if aot.available() else None
 
 
-def fused_head_label_log_prob(threads=None):
+def fused_head_label_log_prob():
     """A `FusedHeadLabelLogProb` cell, or None when not `aot.available()` or oneDNN's sgemm is not found."""
-    return FusedHeadLabelLogProb(threads) if aot.available() and aot.sgemm_loaded() else None
+    return FusedHeadLabelLogProb() if aot.available() and aot.sgemm_loaded() else None

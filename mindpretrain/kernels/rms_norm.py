@@ -17,23 +17,23 @@ from mindpretrain.kernels import aot
 class FusedRMSNorm(nn.Cell):
     """(x float32 [..., H], weight float32 [H]) -> weight * x * rsqrt(mean(x^2, -1) + eps)."""
 
-    def __init__(self, eps, threads=None):
+    def __init__(self, eps):
         super().__init__()
         self.eps = Tensor(np.array([eps], np.float32))
         backward = aot.custom_op("RmsNormBackward", lambda x, weight, *_: (x, weight),
-                                 lambda x, weight, *_: (x, weight), threads=threads)
+                                 lambda x, weight, *_: (x, weight))
 
         def bprop(x, weight, eps, out, dout):
             dx, dweight = backward(x, weight, out[1], dout[0])
             return dx, dweight, ops.zeros_like(eps)
 
         self.forward = aot.custom_op("RmsNormForward", lambda x, weight, eps: (x, x[:-1]),
-                                     lambda x, *_: (ms.float32, ms.float32), bprop, threads)
+                                     lambda x, *_: (ms.float32, ms.float32), bprop)
 
     def construct(self, x, weight):
         return self.forward(x, weight, self.eps)[0]
 
 
-def fused_rms_norm(eps, threads=None):
+def fused_rms_norm(eps):
     """A `FusedRMSNorm` cell, or None when not `aot.available()`."""
-    return FusedRMSNorm(eps, threads) if aot.available() else None
+    return FusedRMSNorm(eps) if aot.available() else None

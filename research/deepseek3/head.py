@@ -14,8 +14,9 @@ Peak-memory measurements and the alternatives tried and rejected: research/deeps
 
 The per-token arithmetic is the same either way (matmul in the compute dtype, float32 log-softmax, gather of
 the label's log-probability); chunks only split the sum over tokens into partial sums. On CPU the log-softmax
-and the gather of a chunk are one fused kernel each way (mindpretrain/kernels/label_log_prob.py); elsewhere,
-LogSoftmax + GatherD, which the shard strategies describe.
+and the gather of a chunk are one fused kernel each way, and up to FUSED_HEAD_MAX_HIDDEN the chunk's matmul
+joins them in one op (mindpretrain/kernels/label_log_prob.py); elsewhere, MatMul + LogSoftmax + GatherD, which
+the shard strategies describe.
 """
 import mindspore as ms
 from mindspore import Tensor, nn, ops

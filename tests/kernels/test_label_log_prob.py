@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindpretrain.kernels import aot, label_log_prob
+from mindpretrain.utils.threads import default_threads
 from research.deepseek3.head import HeadCrossEntropy
 
 
@@ -60,9 +61,9 @@ def batch(rows=37, vocab=1003, scale=3.0, seed=0):
     return logits, labels, rng.rand(rows).astype(np.float32)
 
 
-def fused(threads=2):
+def fused():
     assert aot.available(), "the _cpu_kernels extension is not built (pip install -e . builds it)"
-    return label_log_prob.fused_label_log_prob(threads=threads)
+    return label_log_prob.fused_label_log_prob()
 
 
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
@@ -79,8 +80,13 @@ def test_values_and_gradient_match_float64(mode, scale):
 
 def test_one_thread_and_two_give_the_same_bits():
     logits, labels, weights = batch(rows=64, vocab=4096)
-    one = run(fused(threads=1), logits, labels, weights)
-    two = run(fused(threads=2), logits, labels, weights)
+    try:
+        aot.set_threads(1)
+        one = run(fused(), logits, labels, weights)
+        aot.set_threads(2)
+        two = run(fused(), logits, labels, weights)
+    finally:
+        aot.set_threads(default_threads())
     for single, split in zip(one, two):
         assert np.array_equal(single, split)
 

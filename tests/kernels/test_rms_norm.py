@@ -46,7 +46,7 @@ def test_output_and_gradients_match_float64(mode):
     dy = rng.randn(3, 7, 40).astype(np.float32)
     ms.set_context(mode=mode)
     try:
-        y, (dx, dweight) = WeightedNorm(FusedRMSNorm(EPS, threads=2), Tensor(dy))(Tensor(x), Tensor(weight))
+        y, (dx, dweight) = WeightedNorm(FusedRMSNorm(EPS), Tensor(dy))(Tensor(x), Tensor(weight))
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     expected_y, expected_dx, expected_dweight = reference(x, weight, dy)
